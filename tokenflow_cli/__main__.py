@@ -1,0 +1,3 @@
+from tokenflow_cli.cli.app import main
+
+main()
