@@ -1,0 +1,1 @@
+"""Model modules: pixel/semantic encoders and decoders, quantizer, tokenizer, generator, LLaVA."""
