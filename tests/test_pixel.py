@@ -144,6 +144,24 @@ def test_downsample_pads_right_and_bottom_only() -> None:
     assert out[0, 0].tolist() == [[9.0, 6.0], [6.0, 4.0]]
 
 
+def test_upsample_is_nearest_then_conv() -> None:
+    # With the conv reduced to identity (centre tap 1), the output is each pixel repeated 2x2.
+    up = PixelDecoder(TINY).conv_blocks[0].upsample
+    with torch.no_grad():
+        up.conv.weight.zero_()
+        up.conv.weight[:, :, 1, 1] = torch.eye(up.conv.in_channels)
+        up.conv.bias.zero_()
+        x = torch.randn(1, up.conv.in_channels, 3, 4)
+        expected = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+        torch.testing.assert_close(up(x), expected)
+
+
+def test_group_norms_use_official_eps() -> None:
+    for module in (PixelEncoder(TINY), PixelDecoder(TINY)):
+        norms = [m for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
+        assert norms and all(m.eps == 1e-6 and m.num_groups == TINY.norm_groups for m in norms)
+
+
 @pytest.mark.parametrize("norm", ["group", "none"])
 def test_discriminator_output_shape(norm: str) -> None:
     disc = PatchDiscriminator(in_channels=3, channels=8, layers=3, norm=norm)
