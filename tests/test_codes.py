@@ -42,8 +42,13 @@ def test_width_mismatch_is_rejected(tmp_path):
 def test_shards_merge_in_rank_order(tmp_path):
     out = tmp_path / "codes.npz"
     for rank in range(3):
-        write_codes(shard_name(out, rank, 3), _indices(2, rank), SCALES, [f"r{rank}_{i}" for i in range(2)],
-                    {"codebook_size": 1024})
+        write_codes(
+            shard_name(out, rank, 3),
+            _indices(2, rank),
+            SCALES,
+            [f"r{rank}_{i}" for i in range(2)],
+            {"codebook_size": 1024},
+        )
     shards = find_shards(out)
     assert [p.name for p in shards] == [f"codes-0000{r}-of-00003.npz" for r in range(3)]
     merged = merge_codes(shards, out, delete=True)

@@ -18,8 +18,16 @@ def test_paper_recipes_have_the_official_schedules():
 
 
 def test_overrides_are_typed():
-    r = load_recipe("tiny", overrides=["train.lr=3e-4", "model.quantizer.scales=1,2,4", "data.hflip=false",
-                                       "train.steps=12.0", "model.quantizer.use_semantic=no"])
+    r = load_recipe(
+        "tiny",
+        overrides=[
+            "train.lr=3e-4",
+            "model.quantizer.scales=1,2,4",
+            "data.hflip=false",
+            "train.steps=12.0",
+            "model.quantizer.use_semantic=no",
+        ],
+    )
     assert r.train.lr == 3e-4 and isinstance(r.train.lr, float)
     assert r.model.quantizer.scales == (1, 2, 4)
     assert r.data.hflip is False and r.train.steps == 12 and isinstance(r.train.steps, int)

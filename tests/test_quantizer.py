@@ -37,9 +37,13 @@ def test_pixel_weight_changes_the_choice():
 def test_chunked_equals_unchunked(chunk):
     g = torch.Generator().manual_seed(3)
     z_sem, z_pix = torch.randn(257, 32, generator=g), torch.randn(257, 8, generator=g)
-    cb_sem, cb_pix = F.normalize(torch.randn(1000, 32, generator=g), dim=1), F.normalize(torch.randn(1000, 8, generator=g), dim=1)
-    assert torch.equal(nearest_code(z_sem, z_pix, cb_sem, cb_pix, chunk_size=chunk),
-                       plain_nearest_code(z_sem, z_pix, cb_sem, cb_pix))
+    cb_sem, cb_pix = (
+        F.normalize(torch.randn(1000, 32, generator=g), dim=1),
+        F.normalize(torch.randn(1000, 8, generator=g), dim=1),
+    )
+    assert torch.equal(
+        nearest_code(z_sem, z_pix, cb_sem, cb_pix, chunk_size=chunk), plain_nearest_code(z_sem, z_pix, cb_sem, cb_pix)
+    )
 
 
 def test_ties_go_to_lowest_index_across_chunks():

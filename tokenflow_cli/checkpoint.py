@@ -71,7 +71,10 @@ class atomic_path:
 
 
 def save_weights(
-    state_dict: dict[str, torch.Tensor], path: Path, config: dict | None = None, kind: str = "tokenizer",
+    state_dict: dict[str, torch.Tensor],
+    path: Path,
+    config: dict | None = None,
+    kind: str = "tokenizer",
     extra: dict[str, str] | None = None,
 ) -> None:
     """Write tensors as safetensors with `{"format", "config", "version"}` metadata, atomically."""

@@ -54,8 +54,13 @@ def shard_name(path: Path, rank: int, world: int) -> Path:
     return path.with_name(f"{path.stem}-{rank:05d}-of-{world:05d}.npz")
 
 
-def write_codes(path: Path, indices: np.ndarray, scales: tuple[int, ...], paths: list[str] | np.ndarray,
-                meta: dict[str, Any] | None = None) -> None:
+def write_codes(
+    path: Path,
+    indices: np.ndarray,
+    scales: tuple[int, ...],
+    paths: list[str] | np.ndarray,
+    meta: dict[str, Any] | None = None,
+) -> None:
     """Write atomically. `indices` may be a memmap: numpy streams it into the zip in chunks."""
     scales = tuple(int(s) for s in scales)
     expected = sum(s * s for s in scales)

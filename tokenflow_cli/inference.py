@@ -125,7 +125,9 @@ def tokenize_paths(
     failures: list[tuple[str, str]] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=Path(output).parent if Path(output).parent.exists() else None) as tmp:
-        rows = np.lib.format.open_memmap(Path(tmp) / "indices.npy", mode="w+", dtype=np.int32, shape=(max(len(paths), 1), L))
+        rows = np.lib.format.open_memmap(
+            Path(tmp) / "indices.npy", mode="w+", dtype=np.int32, shape=(max(len(paths), 1), L)
+        )
         n = 0
         for img, batch_paths, failed in iterate_batches(paths, tok.image_size, batch_size, workers, strict):
             failures.extend(failed)
@@ -148,4 +150,6 @@ def tokenize_paths(
         rows.flush()
         write_codes(Path(output), rows[:n], tok.scales, kept_paths, meta)
         del rows
-    return TokenizeResult(Path(output), n, len(failures), failures, time.perf_counter() - start, float(hit.float().mean()))
+    return TokenizeResult(
+        Path(output), n, len(failures), failures, time.perf_counter() - start, float(hit.float().mean())
+    )

@@ -38,8 +38,15 @@ def _unique_name(path: str, used: set[str]) -> str:
 
 
 @torch.no_grad()
-def reconstruct_images(resolved: ResolvedModel, paths: list[Path], out_dir: Path, batch_size: int = 16,
-                       strict: bool = False, max_grid: int = 16, progress=None) -> ReconstructResult:
+def reconstruct_images(
+    resolved: ResolvedModel,
+    paths: list[Path],
+    out_dir: Path,
+    batch_size: int = 16,
+    strict: bool = False,
+    max_grid: int = 16,
+    progress=None,
+) -> ReconstructResult:
     tok = resolved.tokenizer
     device = next(tok.parameters()).device
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -69,8 +76,9 @@ def reconstruct_images(resolved: ResolvedModel, paths: list[Path], out_dir: Path
 
 
 @torch.no_grad()
-def reconstruct_codes_file(resolved: ResolvedModel, codes_path: Path, out_dir: Path, batch_size: int = 16,
-                           max_grid: int = 16, progress=None) -> ReconstructResult:
+def reconstruct_codes_file(
+    resolved: ResolvedModel, codes_path: Path, out_dir: Path, batch_size: int = 16, max_grid: int = 16, progress=None
+) -> ReconstructResult:
     """Decode a codes file; when the original images still exist, grid them beside the output."""
     from tokenflow_cli.data.images import ImageLoadError, load_image, resize_center_crop
 
@@ -79,8 +87,10 @@ def reconstruct_codes_file(resolved: ResolvedModel, codes_path: Path, out_dir: P
     if tuple(codes.scales) != tok.scales:
         raise ValueError(f"{codes_path} has scales {codes.scales}, the model {tok.scales}")
     if codes.meta.get("codebook_size", tok.codebook_size) != tok.codebook_size:
-        raise ValueError(f"{codes_path} was written with codebook size {codes.meta['codebook_size']}, "
-                         f"the model has {tok.codebook_size}")
+        raise ValueError(
+            f"{codes_path} was written with codebook size {codes.meta['codebook_size']}, "
+            f"the model has {tok.codebook_size}"
+        )
     device = next(tok.parameters()).device
     out_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(tok.config, out_dir / "recipe.yaml")
@@ -104,8 +114,11 @@ def reconstruct_codes_file(resolved: ResolvedModel, codes_path: Path, out_dir: P
         if progress:
             progress(start + len(rec), 0, 0.0)
     grid_path = out_dir / "grid.png"
-    columns = [np.concatenate(originals), np.concatenate(recons)] if originals and len(originals) == len(recons) \
+    columns = (
+        [np.concatenate(originals), np.concatenate(recons)]
+        if originals and len(originals) == len(recons)
         else [np.concatenate(recons)]
+    )
     save_png(grid(columns, max_rows=max_grid), grid_path)
     psnr = float(np.concatenate(psnrs).mean()) if psnrs and len(originals) == len(recons) else None
     return ReconstructResult(len(codes), grid_path, psnr, [])

@@ -16,9 +16,13 @@ def image_progress(total: int, label: str) -> Iterator[Callable[[int, int, float
     """Yields update(done, failed, usage_share). total=0 means unknown (from a codes file)."""
     start = time.perf_counter()
     columns = [
-        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:.1f} img/s"), TextColumn("usage {task.fields[usage]:.1%}"),
-        TextColumn("[yellow]{task.fields[failed]} skipped"), TimeRemainingColumn(),
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.1f} img/s"),
+        TextColumn("usage {task.fields[usage]:.1%}"),
+        TextColumn("[yellow]{task.fields[failed]} skipped"),
+        TimeRemainingColumn(),
     ]
     with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
         task = progress.add_task(label, total=total or None, rate=0.0, usage=0.0, failed=0)

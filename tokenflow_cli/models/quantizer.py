@@ -47,7 +47,9 @@ def nearest_code(
         best_idx = torch.zeros(z_Nc.shape[0], dtype=torch.long, device=z_Nc.device)
         for start in range(0, cb_Kc.shape[0], chunk_size):
             # scores_Nk = ||e||^2 - 2 z.e for this chunk: addmm fuses the add into the matmul
-            scores_Nk = torch.addmm(sq_K[start : start + chunk_size], z_Nc, cb_Kc[start : start + chunk_size].T, alpha=-2)
+            scores_Nk = torch.addmm(
+                sq_K[start : start + chunk_size], z_Nc, cb_Kc[start : start + chunk_size].T, alpha=-2
+            )
             val, idx = scores_Nk.min(dim=1)
             better = val < best_val  # strict: an earlier chunk wins ties
             best_val = torch.where(better, val, best_val)
@@ -56,8 +58,12 @@ def nearest_code(
 
 
 def plain_nearest_code(
-    z_sem_Nd: torch.Tensor, z_pix_Nd: torch.Tensor, cb_sem_Kd: torch.Tensor, cb_pix_Kd: torch.Tensor,
-    pixel_weight: float = 1.0, semantic_weight: float = 1.0,
+    z_sem_Nd: torch.Tensor,
+    z_pix_Nd: torch.Tensor,
+    cb_sem_Kd: torch.Tensor,
+    cb_pix_Kd: torch.Tensor,
+    pixel_weight: float = 1.0,
+    semantic_weight: float = 1.0,
 ) -> torch.Tensor:
     """Reference: the full N x K distance matrix and one argmin (benchmarks and tests)."""
     return nearest_code(z_sem_Nd, z_pix_Nd, cb_sem_Kd, cb_pix_Kd, pixel_weight, semantic_weight, cb_sem_Kd.shape[0])
@@ -136,7 +142,10 @@ class MultiScaleDualQuantizer(nn.Module):
         z_sem, z_pix = z_Nc.split([self.cfg.semantic_dim, self.cfg.pixel_dim], dim=1)
         sem, pix = self.codebooks()
         idx_N = nearest_code(
-            self._norm(z_sem), self._norm(z_pix), sem.detach(), pix.detach(),
+            self._norm(z_sem),
+            self._norm(z_pix),
+            sem.detach(),
+            pix.detach(),
             pixel_weight=self.cfg.pixel_weight,
             semantic_weight=1.0 if self.cfg.use_semantic else 0.0,
             chunk_size=self.cfg.search_chunk_size,
@@ -173,9 +182,13 @@ class MultiScaleDualQuantizer(nn.Module):
                 self._count_usage(si, idx_Bl)
         if self.training:
             self.step += 1
-            codebook_loss, commit_loss, entropy_loss = (x / max(used, 1) for x in (codebook_loss, commit_loss, entropy_loss))
+            codebook_loss, commit_loss, entropy_loss = (
+                x / max(used, 1) for x in (codebook_loss, commit_loss, entropy_loss)
+            )
             f_hat = f + (f_hat - f).detach()  # straight-through estimator
-        return QuantizerOutput(f_hat.to(f_BChw.dtype), indices, codebook_loss, commit_loss, self.cfg.entropy_weight * entropy_loss)
+        return QuantizerOutput(
+            f_hat.to(f_BChw.dtype), indices, codebook_loss, commit_loss, self.cfg.entropy_weight * entropy_loss
+        )
 
     def _scale_to_drop(self) -> int:
         """Training: with probability p one random non-first scale is skipped (official recipe)."""
@@ -199,7 +212,9 @@ class MultiScaleDualQuantizer(nn.Module):
             z = z[torch.randperm(z.shape[0], device=z.device)[:max_tokens]]
         z_sem, z_pix = z.split([self.cfg.semantic_dim, self.cfg.pixel_dim], dim=1)
         sem, pix = self.codebooks()
-        dist = torch.cdist(self._norm(z_sem), sem).pow(2) + self.cfg.pixel_weight * torch.cdist(self._norm(z_pix), pix).pow(2)
+        dist = torch.cdist(self._norm(z_sem), sem).pow(2) + self.cfg.pixel_weight * torch.cdist(
+            self._norm(z_pix), pix
+        ).pow(2)
         prob = (-dist / self.cfg.entropy_temperature).softmax(dim=1)
         per_token = -(prob * prob.clamp_min(1e-8).log()).sum(1).mean()
         mean = prob.mean(0)
@@ -281,9 +296,12 @@ class MultiScaleDualQuantizer(nn.Module):
         centroids = x[torch.randint(0, x.shape[0], (K,), device=x.device)].clone()
         for _ in range(iters):
             assign = nearest_code(
-                x[:, : self.cfg.semantic_dim], x[:, self.cfg.semantic_dim :],
-                centroids[:, : self.cfg.semantic_dim], centroids[:, self.cfg.semantic_dim :],
-                self.cfg.pixel_weight, chunk_size=self.cfg.search_chunk_size,
+                x[:, : self.cfg.semantic_dim],
+                x[:, self.cfg.semantic_dim :],
+                centroids[:, : self.cfg.semantic_dim],
+                centroids[:, self.cfg.semantic_dim :],
+                self.cfg.pixel_weight,
+                chunk_size=self.cfg.search_chunk_size,
             )
             sums = torch.zeros_like(centroids).index_add_(0, assign, x)
             counts = torch.bincount(assign, minlength=K).unsqueeze(1)

@@ -220,9 +220,7 @@ def load_tokenizer(path_or_dir: str, device: str | torch.device = "cpu") -> Toke
     if "config" not in meta or not str(meta.get("format", "")).endswith("/tokenizer"):
         raise ValueError(f"{path} is not a tokenflow-cli tokenizer checkpoint (format={meta.get('format')!r})")
     cfg = model_config_from_dict(meta["config"], source=str(path))
-    build_cfg = dataclasses.replace(
-        cfg, semantic_encoder=dataclasses.replace(cfg.semantic_encoder, pretrained="")
-    )
+    build_cfg = dataclasses.replace(cfg, semantic_encoder=dataclasses.replace(cfg.semantic_encoder, pretrained=""))
     tok = TokenFlowTokenizer(build_cfg)
     tok.load_state_dict(state, strict=True)
     tok.config = cfg
