@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from tokenflow_cli.cli import commands_core  # noqa: F401  (tokenize, reconstruct, doctor)
+from tokenflow_cli.cli import (
+    commands_core,  # noqa: F401  (tokenize, reconstruct, doctor)
+    llava_cmd,  # noqa: F401  (ask, finetune-llava)
+)
 from tokenflow_cli.cli.common import app
+from tokenflow_cli.cli.eval_cmd import eval_app
+
+app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:

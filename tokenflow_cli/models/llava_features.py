@@ -43,9 +43,7 @@ FEATURE_FNS: dict[str, FeatureFn] = {
 class TokenizerFeatures(nn.Module):
     """A frozen TokenFlow tokenizer (or its teacher) as a visual feature source."""
 
-    def __init__(
-        self, tokenizer: nn.Module, kind: str = "tokenflow", teacher: nn.Module | None = None
-    ) -> None:
+    def __init__(self, tokenizer: nn.Module, kind: str = "tokenflow", teacher: nn.Module | None = None) -> None:
         super().__init__()
         if kind not in (*FEATURE_FNS, "teacher"):
             raise ValueError(f"unknown feature choice {kind!r}; choose one of {[*FEATURE_FNS, 'teacher']}")
@@ -79,3 +77,15 @@ class TokenizerFeatures(nn.Module):
         else:
             f_BNC = FEATURE_FNS[self.kind](self.tokenizer, img_B3HW)
         return f_BNC.float()
+
+
+def build_feature_source(tokenizer: nn.Module, kind: str) -> TokenizerFeatures:
+    """The feature source for a recipe's `model.features`; `teacher` builds the frozen teacher
+    the tokenizer was trained against from its config (weights from `teacher.pretrained`)."""
+    teacher = None
+    if kind == "teacher":
+        from tokenflow_cli.models.semantic import Teacher
+
+        cfg = tokenizer.config
+        teacher = Teacher(cfg.teacher, cfg.semantic_encoder).to(next(tokenizer.parameters()).device)
+    return TokenizerFeatures(tokenizer, kind, teacher)
