@@ -7,8 +7,10 @@ from tokenflow_cli.cli import (
     llava_cmd,  # noqa: F401  (ask, finetune-llava)
 )
 from tokenflow_cli.cli.common import app
+from tokenflow_cli.cli.data_cmd import data_app
 from tokenflow_cli.cli.eval_cmd import eval_app
 
+app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
 
 
