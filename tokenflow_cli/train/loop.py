@@ -1,0 +1,465 @@
+"""The one training loop every stage reuses (tokenizer, generator, LLaVA).
+
+A `Stage` says WHAT is trained: its model(s), data, optimizer parameter groups, and a `step`
+that returns losses. `train()` owns HOW: AdamW optimizers, warmup + cosine schedule, gradient
+accumulation, clipping, autocast, optional EMA, periodic eval, atomic checkpoints and automatic
+resume, a clean stop on a non-finite loss, DDP under torchrun and rank-0 logging.
+
+Writing a stage (see `tokenizer_step.TokenizerStage` for a full one)::
+
+    class MyStage(Stage):
+        kind = "generator"                          # checkpoint format "tokenflow-cli/generator"
+
+        def __init__(self, recipe):
+            self.model = build_generator(recipe.model)  # saved as RUN_DIR/model.safetensors
+            self.model_config = recipe.model            # stored in its metadata
+
+        def train_data(self) -> TrainData:
+            return TrainData(MyDataset(...), collate_fn=my_collate)
+
+        def step(self, batch, step):
+            out = self.wrapped["model"](batch["x"].to(self.device))  # DDP-wrapped under torchrun
+            return {"loss": out.loss, "nll": out.nll}
+
+    result = train(MyStage(recipe), recipe.train, run_dir, recipe=recipe)
+
+Several optimizers: `optimizers()` returns one `OptimizerSpec` per optimizer, each naming the
+entry of `step()`'s dict that trains it (`loss_key`). The loop back-propagates the sum of those
+entries once, so a stage must keep each loss away from the other optimizers' parameters: the
+tokenizer's discriminator sees `recon.detach()` for its own loss, and the generator's GAN term
+goes through the discriminator under `losses.frozen(...)`. An optimizer whose key is missing
+from a step's dict does not step (the discriminator before `gan_start_step`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from tokenflow_cli import checkpoint as ckpt
+from tokenflow_cli.config import TrainConfig, save_resolved, to_dict
+from tokenflow_cli.device import autocast, resolve_device, seed_everything
+from tokenflow_cli.distributed import DistInfo, barrier, init_distributed
+from tokenflow_cli.train import state as run_state
+from tokenflow_cli.train.optim import ModelEma, lr_multiplier
+from tokenflow_cli.train.progress import LOG_FILES, TrainProgress
+from tokenflow_cli.train.stream import ResumableSampler, SeededItems
+
+
+@dataclass
+class OptimizerSpec:
+    """One AdamW optimizer. `params` are tensors or torch param-group dicts (a group may carry
+    its own "lr"; the schedule scales every group's base lr by the same factor)."""
+
+    name: str  # key in train_state.pt ("main", "discriminator", ...)
+    params: Iterable[Any]
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # max global grad norm of these parameters; 0 = off
+    loss_key: str = "loss"  # the entry of step()'s dict that trains these parameters
+
+
+@dataclass
+class TrainData:
+    dataset: Dataset  # map-style; items are fetched under a per-(epoch, index) seed
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    num_workers: int = 0
+
+
+class Stage:
+    """Base class of a training stage. Subclasses set `model` (and `model_config`) and implement
+    `train_data` and `step`; the other hooks have working defaults.
+
+    Before the first step the loop sets `device`, `dist` (rank info), `run_dir`, `cfg` and
+    `wrapped` (name -> the module to call in `step`: DDP-wrapped under torchrun, else the
+    module itself), then calls `setup()`.
+    """
+
+    kind: str = "model"  # checkpoint format tokenflow-cli/<kind>
+    model: nn.Module  # saved as model.safetensors, EMA'd, wrapped as wrapped["model"]
+    model_config: Any = None  # dataclass stored in the checkpoint metadata
+    find_unused_parameters: bool = False  # DDP: some trainable parameters skip some steps
+
+    device: torch.device
+    dist: DistInfo
+    run_dir: Path
+    cfg: TrainConfig
+    wrapped: dict[str, nn.Module]
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Every module with trainable parameters, by name ("model" plus e.g. "discriminator")."""
+        return {"model": self.model}
+
+    def optimizers(self, cfg: TrainConfig) -> list[OptimizerSpec]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return [OptimizerSpec("main", params, cfg.lr, cfg.betas, cfg.weight_decay, cfg.grad_clip)]
+
+    def setup(self) -> None:
+        """After device/DDP binding, before resume: build frozen helpers (teacher, LPIPS)."""
+
+    def train_data(self) -> TrainData:
+        raise NotImplementedError
+
+    def step(self, batch: Any, step: int) -> dict[str, torch.Tensor]:
+        """Forward one micro-batch (under autocast) and return losses; "loss" is required."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """After the optimizers stepped (all ranks); `step` counts finished steps."""
+
+    def metrics(self, step: int) -> dict[str, float]:
+        """Extra figures for a log row (all ranks call it; it may all-reduce)."""
+        return {}
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Periodic evaluation on rank 0 (random generators are restored afterwards)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra training state (tensors and plain containers) saved in train_state.pt."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def num_samples(self, batch: Any) -> int:
+        """Samples in a micro-batch, for images/s."""
+        if isinstance(batch, dict) and isinstance(batch.get("image"), torch.Tensor):
+            return batch["image"].shape[0]
+        return self.cfg.batch_size
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN/inf; the weights on disk are the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int  # steps completed
+    checkpoint: Path | None  # the newest complete checkpoint folder
+    history: list[dict[str, Any]] = field(default_factory=list)  # rank 0's logged train rows
+    last_eval: dict[str, Any] = field(default_factory=dict)
+    images_per_s: float = 0.0  # over the steps this process ran, all ranks together
+    seconds: float = 0.0
+    stopped_early: bool = False  # stopped by Ctrl-C / SIGTERM (a checkpoint was written)
+
+
+def train(
+    stage: Stage,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    recipe: Any = None,
+    device: str | torch.device = "auto",
+    resume: bool = True,
+    progress: TrainProgress | None = None,
+    live: bool | None = True,
+) -> TrainResult:
+    """Train `stage` for `cfg.steps` optimizer steps, resuming from RUN_DIR when it holds a
+    checkpoint (and `resume`). `recipe` (any dataclass) is written to RUN_DIR/recipe.yaml.
+    Raises `NonFiniteLossError` on a NaN/inf loss without writing a checkpoint."""
+    loop = _Loop(stage, cfg, Path(run_dir), recipe, device, resume, progress, live)
+    try:
+        return loop.run()
+    finally:
+        loop.close()
+
+
+class _Loop:
+    def __init__(self, stage: Stage, cfg: TrainConfig, run_dir: Path, recipe: Any, device: str | torch.device,
+                 resume: bool, progress: TrainProgress | None, live: bool | None) -> None:
+        dev = resolve_device(str(device))
+        self.info = init_distributed(dev.type)
+        if self.info.enabled and dev.type == "cuda":
+            dev = torch.device("cuda", self.info.local_rank)
+        self.stage, self.cfg, self.run_dir, self.device = stage, cfg, run_dir, dev
+        self.stop_requested = False  # agreed by all ranks at every step
+        self._signalled = False  # this process got SIGINT/SIGTERM
+        self._old_handlers: dict[int, Any] = {}
+
+        if self.info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            run_state.remove_partial(run_dir)
+            if not resume:
+                run_state.clear_run(run_dir, LOG_FILES)
+        barrier()
+        latest = run_state.latest_checkpoint(run_dir) if resume else None
+        self.start_step = 0
+        stage.device, stage.dist, stage.run_dir, stage.cfg = dev, self.info, run_dir, cfg
+        for module in stage.modules().values():
+            module.to(dev)
+        stage.setup()
+        train_state = self._load(latest) if latest else None
+        stage.wrapped = {name: self._wrap(m) for name, m in stage.modules().items()}
+        self.specs = stage.optimizers(cfg)
+        self.optimizers = {s.name: self._optimizer(s) for s in self.specs}
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16" and dev.type == "cuda")
+        self.ema = ModelEma(stage.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        if train_state is not None:
+            self._restore(train_state, latest)
+        if train_state is None:
+            seed_everything(cfg.seed + self.info.rank)
+        self.loader = self._loader()
+        if train_state is not None:  # last: nothing after this may draw random numbers
+            rngs = train_state["rng"]
+            run_state.restore_rng(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
+        self.progress = None
+        if self.info.is_main:
+            if recipe is not None:
+                save_resolved(recipe, run_dir / "recipe.yaml")
+            self.progress = progress or TrainProgress(
+                run_dir, cfg.steps, self.start_step if train_state else None, live=live)
+            if latest:
+                self.progress.message(f"resumed from {latest} (step {self.start_step})")
+
+    # ---- setup ---------------------------------------------------------------------------
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        if not self.info.enabled or not any(p.requires_grad for p in module.parameters()):
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids,
+                                       find_unused_parameters=self.stage.find_unused_parameters)
+
+    def _optimizer(self, spec: OptimizerSpec) -> torch.optim.Optimizer:
+        groups = [g if isinstance(g, dict) else {"params": [g]} for g in spec.params]
+        groups = [{**g, "params": list(g["params"])} for g in groups]
+        for group in groups:
+            group.setdefault("lr", spec.lr)
+            group["base_lr"] = group["lr"]
+        if not any(g["params"] for g in groups):
+            raise ValueError(f"optimizer {spec.name!r} has no trainable parameters")
+        return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+
+    def _load(self, folder: Path) -> dict[str, Any]:
+        weights, _ = ckpt.load_state(folder / ckpt.WEIGHTS_NAME, device=self.device)
+        self.stage.model.load_state_dict(weights, strict=True)
+        state = ckpt.load_train_state(folder / ckpt.STATE_NAME)
+        self.stage.load_state_dict(state.get("stage", {}))
+        self.start_step = int(state["step"])
+        return state
+
+    def _restore(self, state: dict[str, Any], folder: Path) -> None:
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and (folder / run_state.EMA_NAME).is_file():
+            self.ema.load_state_dict(ckpt.load_state(folder / run_state.EMA_NAME, device=self.device)[0])
+
+    def _loader(self) -> DataLoader:
+        data = self.stage.train_data()
+        per_step = self.cfg.batch_size * self.cfg.grad_accum
+        sampler = ResumableSampler(len(data.dataset), self.cfg.seed, self.info.rank, self.info.world_size,
+                                   start=self.start_step * per_step)
+        return DataLoader(
+            SeededItems(data.dataset, self.cfg.seed), batch_size=self.cfg.batch_size, sampler=sampler,
+            collate_fn=data.collate_fn, num_workers=data.num_workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=data.num_workers > 0,
+            # own generator: creating the iterator must not draw from the global torch RNG
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg, stage = self.cfg, self.stage
+        self._install_signal_handlers()
+        batches = iter(self.loader)
+        for module in stage.modules().values():
+            module.train()
+        step, images, started = self.start_step, 0, time.perf_counter()
+        history: list[dict[str, Any]] = []
+        last_eval: dict[str, Any] = {}
+        window_start, window_images = started, 0
+        latest = run_state.latest_checkpoint(self.run_dir)
+        while step < cfg.steps and not self.stop_requested:
+            losses, n = self._one_step(batches, step)
+            step += 1
+            images += n
+            window_images += n
+            stage.after_step(step)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                rate = window_images * self.info.world_size / max(now - window_start, 1e-9)
+                row = self._row(step, losses, rate)
+                window_start, window_images = now, 0
+                if self.progress:
+                    self.progress.train_row(row)
+                    history.append(row)
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                last_eval = self._evaluate(step) or last_eval
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or self.stop_requested:
+                latest = self._save(step)
+        seconds = time.perf_counter() - started
+        return TrainResult(self.run_dir, step, latest, history, last_eval,
+                           images * self.info.world_size / max(seconds, 1e-9), seconds,
+                           stopped_early=step < cfg.steps)
+
+    def _one_step(self, batches: Any, step: int) -> tuple[dict[str, float], int]:
+        cfg, stage = self.cfg, self.stage
+        mult = lr_multiplier(step, cfg)
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * mult
+        sums: dict[str, torch.Tensor] = {}
+        active: set[str] = set()
+        n = 0
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else self._no_sync()
+            with sync:
+                with autocast(cfg.precision, self.device):
+                    losses = stage.step(batch, step)
+                keys = [s.loss_key for s in self.specs if s.loss_key in losses]
+                if "loss" not in losses:
+                    raise KeyError(f"{type(stage).__name__}.step must return a 'loss' entry")
+                total = sum(losses[k].float() for k in keys) / cfg.grad_accum
+                self.scaler.scale(total).backward()
+            active.update(keys)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+            n += stage.num_samples(batch)
+        values = {k: float(v) for k, v in sums.items()}
+        self._check_finite(step, values)
+        for spec in self.specs:
+            opt = self.optimizers[spec.name]
+            if spec.loss_key in active:
+                self.scaler.unscale_(opt)
+                if spec.grad_clip > 0:
+                    params = [p for g in opt.param_groups for p in g["params"]]
+                    norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+                    values[f"grad_norm/{spec.name}" if spec.name != "main" else "grad_norm"] = float(norm)
+                self.scaler.step(opt)
+            opt.zero_grad(set_to_none=True)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(stage.model)
+        return values, n
+
+    def _no_sync(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        for module in self.stage.wrapped.values():
+            if isinstance(module, DistributedDataParallel):
+                stack.enter_context(module.no_sync())
+        return stack
+
+    def _check_finite(self, step: int, values: dict[str, float]) -> None:
+        flags = torch.tensor([float(not all(math.isfinite(v) for v in values.values())),
+                              float(self._signalled)], device=self._comm_device())
+        if self.info.enabled:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.stop_requested = bool(flags[1])
+        if flags[0]:
+            latest = run_state.latest_checkpoint(self.run_dir)
+            kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            if self.progress:
+                self.progress.log.append({"step": step + 1, "split": "event", "event": "non-finite loss", **values})
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step + 1} ({shown}); training stopped before updating the "
+                f"weights; {kept}. Lower train.lr, raise train.warmup_steps or use precision fp32/bf16."
+            )
+
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def _row(self, step: int, losses: dict[str, float], rate: float) -> dict[str, Any]:
+        if self.info.enabled:  # log the mean over ranks
+            keys = sorted(losses)
+            vec = torch.tensor([losses[k] for k in keys], device=self._comm_device())
+            dist.all_reduce(vec)
+            losses = {k: float(v) / self.info.world_size for k, v in zip(keys, vec)}
+        extra = self.stage.metrics(step)
+        main_lr = next(iter(self.optimizers.values())).param_groups[0]["lr"]
+        eta = (self.cfg.steps - step) * self.cfg.batch_size * self.cfg.grad_accum * self.info.world_size
+        return {"step": step, "lr": main_lr, "images_per_s": rate, "eta_s": eta / max(rate, 1e-9),
+                **losses, **extra}
+
+    def _evaluate(self, step: int) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        if self.info.is_main:
+            with run_state.preserved_rng():
+                for module in self.stage.modules().values():
+                    module.eval()
+                try:
+                    result = {"step": step, **self.stage.evaluate(step)}
+                finally:
+                    for module in self.stage.modules().values():
+                        module.train()
+            if self.progress and len(result) > 1:
+                self.progress.eval_row(result)
+        barrier()
+        return result if len(result) > 1 else {}
+
+    def _save(self, step: int) -> Path | None:
+        rngs: list[Any] = [run_state.capture_rng()]
+        if self.info.enabled:
+            rngs = [None] * self.info.world_size
+            dist.all_gather_object(rngs, run_state.capture_rng())
+        folder = None
+        if self.info.is_main:
+            state = {
+                "step": step,
+                "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+                "scaler": self.scaler.state_dict(),
+                "rng": rngs,
+                "samples_per_rank": step * self.cfg.batch_size * self.cfg.grad_accum,
+                "world_size": self.info.world_size,
+                "stage": self.stage.state_dict(),
+            }
+
+            def write(tmp: Path) -> None:
+                ckpt.save_model(self.stage.model, tmp / ckpt.WEIGHTS_NAME, self.stage.model_config,
+                                kind=self.stage.kind)
+                if self.ema is not None:
+                    config = to_dict(self.stage.model_config) if self.stage.model_config is not None else None
+                    ckpt.save_weights(self.ema.state_dict(), tmp / run_state.EMA_NAME, config, kind=self.stage.kind)
+                ckpt.save_train_state(state, tmp / ckpt.STATE_NAME)
+
+            folder = run_state.write_checkpoint(self.run_dir, step, write)
+        barrier()
+        return folder or run_state.latest_checkpoint(self.run_dir)
+
+    # ---- signals and teardown --------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        """First Ctrl-C / SIGTERM: finish the step, checkpoint, stop. Second: stop at once."""
+        if not _in_main_thread():
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self._signalled:
+                raise KeyboardInterrupt
+            self._signalled = True
+            if self.progress:
+                self.progress.message("stopping after this step (checkpointing); press Ctrl-C again to abort")
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old_handlers[sig] = signal.signal(sig, request_stop)
+
+    def close(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        if getattr(self, "progress", None) is not None:
+            self.progress.close()
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
