@@ -51,6 +51,7 @@ class GeneratorDataConfig:
     codes: str = ""  # codes .npz (or a shard glob) from `tokenflow tokenize`; preferred
     images: str = ""  # image folder / glob / list, encoded with `tokenizer` on the fly if no codes
     captions: str = ""  # .jsonl with {"image", "caption"}; matched to codes/images by path
+    caption_fields: tuple[str, ...] = ("caption",)  # each item uses one of these, drawn at random
     tokenizer: str = ""  # image tokenizer checkpoint or run folder ("" = the default tokenizer)
     text_tokenizer: str = ""  # tokenizer.json / HF folder; "" = train a BPE on the captions
     text_vocab_size: int = 1024  # vocabulary of the BPE trained on the captions

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from tokenflow_cli.cli import (
     commands_core,  # noqa: F401  (tokenize, reconstruct, doctor)
+    convert_cmd,  # noqa: F401  (convert)
+    generate_cmd,  # noqa: F401  (generate, train-generator, eval geneval)
     llava_cmd,  # noqa: F401  (ask, finetune-llava)
+    train_cmd,  # noqa: F401  (train-tokenizer)
 )
 from tokenflow_cli.cli.common import app
 from tokenflow_cli.cli.data_cmd import data_app
