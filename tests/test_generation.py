@@ -166,3 +166,35 @@ def test_caption_matching_and_dropout() -> None:
         seen.append(data[0]["caption"])
     share = {c: seen.count(c) / len(seen) for c in set(seen)}
     assert set(share) == {"x", "y", "bad"} and abs(share["bad"] - 0.25) < 0.07
+
+
+@pytest.mark.parametrize("source", ["codes", "images"])
+def test_train_generator_cli_makes_a_loadable_run(run_dir: Path, tmp_path: Path, source: str) -> None:
+    from tokenflow_cli.cli.app import app
+    from tokenflow_cli.data.shapes import render_shapes_world
+    from tokenflow_cli.inference import resolve_tokenizer, tokenize_paths
+
+    render_shapes_world(tmp_path / "shapes", n=6, seed=0, size=64)
+    tok_dir = run_dir.parent / "tok"
+    if source == "codes":
+        resolved = resolve_tokenizer(str(tok_dir), torch.device("cpu"))
+        tokenize_paths(resolved, sorted((tmp_path / "shapes" / "images").glob("*.png")), tmp_path / "codes.npz")
+        data = [f"data.codes={tmp_path / 'codes.npz'}"]
+    else:
+        data = [f"data.images={tmp_path / 'shapes' / 'images'}"]
+    sets = [*data, f"data.captions={tmp_path / 'shapes' / 'captions.jsonl'}", f"data.tokenizer={tok_dir}",
+            "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+            "model.intermediate_size=64", "train.steps=2", "train.batch_size=3", "train.log_every=1",
+            "train.eval_every=2", "train.warmup_steps=0", "model.refine_prob=1.0"]
+    args = ["train-generator", "generator-tiny", "-o", str(tmp_path / "run"), "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, *[x for s in sets for x in ("--set", s)]])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert len(train_rows) == 2 and {"acc@1", "acc@16", "refine_nll", "nll"} <= set(train_rows[0])
+    assert (tmp_path / "run" / "samples" / "step-00000002.png").is_file()
+    loaded = load_generator(tmp_path / "run")
+    assert loaded.model.config.hidden_size == 32 and len(loaded.prompts.tokenizer) > 256
+    codes = loaded.model.generate(loaded.tokenizer, loaded.prompts(["a photo of a circle"]), None,
+                                  get_schedule("one-pass"), generator=torch.Generator().manual_seed(0))
+    assert codes.shape == (1, 521)

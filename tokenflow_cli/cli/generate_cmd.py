@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from tokenflow_cli.cli.common import DeviceOpt, RecipeArg, ResumeOpt, SetOpt, app, console, err_console, fail
+from tokenflow_cli.cli.common import DeviceOpt, RecipeArg, ResumeOpt, SetOpt, app, console, fail
 from tokenflow_cli.cli.eval_cmd import eval_app
 
 GenModelOpt = Annotated[
@@ -143,13 +143,10 @@ def train_generator_cmd(
         stage = GeneratorStage(cfg, run_dir)
     except (FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None
-    for note in stage.notes:
-        err_console.print(f"[bold yellow]warning:[/] {note}")
     try:
         result = train(stage, cfg.train, run_dir, recipe=cfg, device=device, resume=resume)
     except (FileNotFoundError, ValueError, NonFiniteLossError) as err:
         raise fail(str(err)) from None
-    console.print(f"data: {stage.data_info['source']} ({stage.data_info['rows']} captioned rows)")
     console.print(f"trained {result.step} steps in {result.seconds:.0f}s -> [bold]{run_dir}[/]")
 
 
