@@ -10,7 +10,8 @@ import torch
 from tokenflow_cli.config import load_recipe
 from tokenflow_cli.conversation import IGNORE_INDEX, ConversationFormatter
 from tokenflow_cli.llava_config import LlavaModelConfig, LlavaRecipe, TinyLMConfig, stage_train_config
-from tokenflow_cli.models.llava import LlavaModel, build_llava
+from tokenflow_cli.models.llava import LlavaModel
+from tokenflow_cli.models.llava_build import build_llava
 from tokenflow_cli.text_tokenizer import train_bpe_tokenizer
 
 N_VIS, C_VIS = 4, 6  # a fake feature source: 4 visual tokens of 6 channels per image
@@ -38,9 +39,7 @@ def tiny_config(**changes) -> LlavaModelConfig:
         max_position_embeddings=128,
         vocab_size=300,
     )
-    return dataclasses.replace(
-        LlavaModelConfig(features="tokenflow", tiny_llm=lm, chat_template="plain"), **changes
-    )
+    return dataclasses.replace(LlavaModelConfig(features="tokenflow", tiny_llm=lm, chat_template="plain"), **changes)
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +81,7 @@ def test_batch_images_fill_their_own_samples(model: LlavaModel) -> None:
     b = fmt.tokenize(CONV[2:], N_VIS, has_image=False).input_ids
     width = max(len(a), len(b))
     pad = model.text_tokenizer.pad_token_id
-    ids_BT = torch.tensor(
-        [a + [pad] * (width - len(a)), b + [pad] * (width - len(b)), a + [pad] * (width - len(a))]
-    )
+    ids_BT = torch.tensor([a + [pad] * (width - len(a)), b + [pad] * (width - len(b)), a + [pad] * (width - len(a))])
     vis_BNC = features(2, seed=1)
     with torch.no_grad():
         emb_BTD = model.embed_inputs(ids_BT, vis_BNC)
@@ -98,11 +95,7 @@ def test_batch_images_fill_their_own_samples(model: LlavaModel) -> None:
 
 def test_labels_mask_everything_but_the_answers(model: LlavaModel) -> None:
     tok = model.formatter.tokenize(CONV, N_VIS)
-    trained = [
-        (i, t)
-        for i, (t, lab) in enumerate(zip(tok.input_ids, tok.labels, strict=True))
-        if lab != IGNORE_INDEX
-    ]
+    trained = [(i, t) for i, (t, lab) in enumerate(zip(tok.input_ids, tok.labels, strict=True)) if lab != IGNORE_INDEX]
     assert all(tok.labels[i] == t for i, t in trained)  # labels are the ids themselves (HF shifts)
     text = model.text_tokenizer.decode([t for _, t in trained])
     assert text == " red</s> on the left</s>"
@@ -196,9 +189,7 @@ def test_stage_parameter_selection(stage: int) -> None:
     proj_before = {k: v.clone() for k, v in model.projector.state_dict().items()}
     tok = model.formatter.tokenize(CONV, N_VIS)
     opt = torch.optim.AdamW(params, lr=1e-2)
-    loss = model(
-        torch.tensor([tok.input_ids]), visual_features=features(1), labels=torch.tensor([tok.labels])
-    ).loss
+    loss = model(torch.tensor([tok.input_ids]), visual_features=features(1), labels=torch.tensor([tok.labels])).loss
     loss.backward()
     opt.step()
     lm_changed = any(not torch.equal(v, model.lm.state_dict()[k]) for k, v in lm_before.items())

@@ -39,7 +39,7 @@ def saved_model(world, tokenizer_ckpt, tmp_path_factory):
     """A (briefly trained) tiny understanding model saved with its tokenizer reference."""
     from tokenflow_cli.data.llava import conversation_texts, read_records
     from tokenflow_cli.llava_config import LlavaModelConfig, TinyLMConfig
-    from tokenflow_cli.models.llava import build_llava
+    from tokenflow_cli.models.llava_build import build_llava
     from tokenflow_cli.models.tokenizer import load_tokenizer
 
     records = read_records(world / "llava.json")

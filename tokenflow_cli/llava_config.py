@@ -52,7 +52,8 @@ class LlavaModelConfig:
 class LlavaDataConfig:
     train: str = ""  # stage-2 instruction data: LLaVA JSON list or .jsonl of the same records
     pretrain: str = ""  # stage-1 caption conversations; "" = `train`
-    val: str = ""  # held-out conversations for the periodic eval loss ("" = none)
+    val: str = ""  # held-out conversations for the periodic eval ("" = none)
+    val_limit: int = 64  # conversations the periodic eval scores (loss and exact-match answers)
     image_root: str = ""  # folder the records' `image` paths are relative to ("" = the JSON's folder)
     num_workers: int = 0
     cache_features: bool = True  # the tokenizer is frozen: compute each image's features once

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from tokenflow_cli.models.llava import LLAVA_JSON, LlavaModel
+from tokenflow_cli.models.llava import LlavaModel
+from tokenflow_cli.models.llava_build import locate_llava
 from tokenflow_cli.models.llava_features import TokenizerFeatures, build_feature_source
 
 
@@ -41,26 +42,16 @@ class Understanding:
         return self.features(torch.stack(images).to(device))
 
 
-def resolve_model_dir(model: str | Path | None) -> Path:
-    """A saved model folder, or a run folder whose `final/` (else newest checkpoint) holds one."""
-    model_dir = Path(model) if model else default_model_dir()
-    if (model_dir / LLAVA_JSON).is_file():
-        return model_dir
-    for sub in ("final", "latest"):
-        if (model_dir / sub / LLAVA_JSON).is_file():
-            return model_dir / sub
-    found = sorted(model_dir.glob(f"*/{LLAVA_JSON}"), key=lambda p: p.stat().st_mtime)
-    if found:
-        return found[-1].parent
-    hint = "" if model else " (pass --model, or set TOKENFLOW_LLAVA)"
-    raise FileNotFoundError(f"no understanding model at {model_dir}{hint}: train one with `tokenflow finetune-llava`")
-
-
 def load_understanding(model: str | Path | None, device: torch.device, tokenizer: str | None = None) -> Understanding:
     from tokenflow_cli.inference import file_sha256, resolve_tokenizer
 
-    model_dir = resolve_model_dir(model)
-    llava = LlavaModel.from_pretrained(model_dir).to(device).eval()
+    if model is None and not (default_model_dir()).exists():
+        raise FileNotFoundError(
+            f"no understanding model at {default_model_dir()}: pass --model (a model or finetune run folder) "
+            "or set TOKENFLOW_LLAVA; train one with `tokenflow finetune-llava`"
+        )
+    model_dir, weights = locate_llava(model or default_model_dir())
+    llava = LlavaModel.from_pretrained(model_dir, weights=weights).to(device).eval()
     source = tokenizer or llava.extra.get("tokenizer_source", "")
     warnings = []
     if not source:

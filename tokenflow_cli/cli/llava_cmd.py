@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from tokenflow_cli.cli.common import DeviceOpt, SeedOpt, app, console, err_console, fail
+from tokenflow_cli.cli.common import DeviceOpt, RecipeArg, ResumeOpt, SeedOpt, SetOpt, app, console, err_console, fail
 
 LlavaModelOpt = Annotated[
     str | None,
@@ -94,3 +95,50 @@ def ask_cmd(
         "warnings": loaded.warnings,
     }
     console.print_json(json.dumps(record))
+
+
+@app.command("finetune-llava")
+def finetune_llava_cmd(
+    recipe: RecipeArg,
+    stage: Annotated[int, typer.Option("--stage", help="1: projector only; 2: LLM + projector.")] = 1,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Run folder (default runs/llava-stage<N>).")
+    ] = None,
+    init: Annotated[
+        str | None, typer.Option("--init", help="Start from this model or run folder (stage 2: the stage-1 run).")
+    ] = None,
+    set_: SetOpt = None,
+    resume: ResumeOpt = True,
+    device: DeviceOpt = "auto",
+) -> None:
+    """LLaVA-style finetuning on frozen TokenFlow features (checkpoints, resume, torchrun)."""
+    from tokenflow_cli.config import ConfigError, load_recipe
+    from tokenflow_cli.llava_config import LlavaRecipe, validate
+    from tokenflow_cli.train.llava_step import finetune_llava
+
+    if stage not in (1, 2):
+        raise fail(f"--stage must be 1 or 2, got {stage}")
+    overrides = list(set_ or []) + ([f"model.init={init}"] if init else [])
+    try:
+        parsed = load_recipe(recipe, LlavaRecipe, overrides)
+        validate(parsed)
+    except ConfigError as err:
+        raise fail(str(err)) from None
+    run_dir = output or Path("runs") / f"llava-stage{stage}"
+    quiet_transformers()
+    try:
+        result, final = finetune_llava(parsed, stage, run_dir, device=device, resume=resume)
+    except (FileNotFoundError, ConfigError, ValueError) as err:
+        raise fail(str(err)) from None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # rank 0 reports under torchrun
+    last = result.history[-1] if result.history else {}
+    shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss",) if k in last)
+    evals = ", ".join(f"{k} {v:.4g}" for k, v in result.last_eval.items() if k != "step")
+    console.print(
+        f"stage {stage}: {result.step} steps in {result.seconds:.0f}s ({shown}{'; ' + evals if evals else ''})"
+    )
+    if final is not None:
+        console.print(f"model: [bold]{final}[/] (transformers format; `tokenflow ask IMAGE Q --model {run_dir}`)")
+    else:
+        console.print(f"stopped early; resume with the same command (checkpoint {result.checkpoint})")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,7 @@ class LlavaModel(nn.Module):
                 return
             mask_BT = torch.cat([mask_BT, torch.ones_like(mask_BT[:, :1])], dim=1)
             pos_BT = pos_BT[:, -1:] + 1
-            cache = out.get("cache", out.get("past_key_values"))
+            cache = out["cache"] if "cache" in out else out["past_key_values"]
             out = self.lm(
                 input_ids=next_B[:, None],
                 attention_mask=mask_BT,
@@ -191,10 +191,7 @@ class LlavaModel(nn.Module):
         if not steps:
             return [""] * len(questions)
         new_BT = torch.stack(steps, dim=1).tolist()
-        return [
-            self.text_tokenizer.decode(self._until_stop(row), skip_special_tokens=True).strip()
-            for row in new_BT
-        ]
+        return [self.text_tokenizer.decode(self._until_stop(row), skip_special_tokens=True).strip() for row in new_BT]
 
     def stream_answer(
         self,
@@ -236,35 +233,26 @@ class LlavaModel(nn.Module):
         self.projector.requires_grad_(True)
         return [p for p in self.parameters() if p.requires_grad]
 
-    def save_pretrained(self, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write the model folder (see module docstring) atomically: into a sibling temp folder,
-        then swapped in, so an interrupted save never leaves a half-written model."""
-        from tokenflow_cli.checkpoint import save_weights
-        from tokenflow_cli.config import to_dict
-
+    def save_pretrained(
+        self,
+        out_dir: str | Path,
+        extra: dict[str, Any] | None = None,
+        atomic: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """Write the model folder (see module docstring). `atomic` writes a sibling temp folder
+        and swaps it in, so an interrupted save never leaves a half-written model (a caller that
+        already writes into a temp folder passes False). `state_dict` replaces the module's own
+        (a full state dict gathered from FSDP shards). The LLM goes into one model.safetensors."""
         out_dir = Path(out_dir)
+        if not atomic:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self._write(out_dir, extra, state_dict)
+            return out_dir
         tmp = out_dir.with_name(f".{out_dir.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        self.lm.save_pretrained(tmp)
-        self.text_tokenizer.save_pretrained(tmp)
-        info = {
-            "format": FORMAT,
-            "config": to_dict(self.config),
-            "feature_dim": self.feature_dim,
-            "num_visual_tokens": self.num_visual_tokens,
-            "image_token_id": self.image_token_id,
-            **self.extra,
-            **(extra or {}),
-        }
-        save_weights(
-            self.projector.state_dict(),
-            tmp / PROJECTOR_NAME,
-            info["config"],
-            kind="llava-projector",
-            extra={"feature_dim": str(self.feature_dim), "num_visual_tokens": str(self.num_visual_tokens)},
-        )
-        (tmp / LLAVA_JSON).write_text(json.dumps(info, indent=2))
+        self._write(tmp, extra, state_dict)
         old = out_dir.with_name(f".{out_dir.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if out_dir.exists():
@@ -273,10 +261,52 @@ class LlavaModel(nn.Module):
         shutil.rmtree(old, ignore_errors=True)
         return out_dir
 
+    def _info(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        from tokenflow_cli.config import to_dict
+
+        fixed = {
+            "format": FORMAT,
+            "config": to_dict(self.config),
+            "feature_dim": self.feature_dim,
+            "num_visual_tokens": self.num_visual_tokens,
+            "image_token_id": self.image_token_id,
+        }
+        return {**fixed, **self.extra, **(extra or {})}
+
+    def _write(self, folder: Path, extra: dict[str, Any] | None, state_dict: dict[str, torch.Tensor] | None) -> None:
+        from tokenflow_cli.checkpoint import save_weights
+
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        lm_state = {k[len("lm.") :]: v for k, v in state_dict.items() if k.startswith("lm.")}
+        projector_state = {k[len("projector.") :]: v for k, v in state_dict.items() if k.startswith("projector.")}
+        self.lm.save_pretrained(folder, state_dict=lm_state, max_shard_size="100000GB")
+        self.text_tokenizer.save_pretrained(folder)
+        info = self._info(extra)
+        save_weights(
+            projector_state,
+            folder / PROJECTOR_NAME,
+            info["config"],
+            kind="llava-projector",
+            extra={"feature_dim": str(self.feature_dim), "num_visual_tokens": str(self.num_visual_tokens)},
+        )
+        (folder / LLAVA_JSON).write_text(json.dumps(info, indent=2))
+
+    def save_skeleton(self, folder: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Everything but the weights (LM config, tokenizer, llava.json): with a full state dict
+        (a training checkpoint's model.safetensors) it rebuilds the model, see `from_pretrained`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.lm.config.save_pretrained(folder)
+        self.text_tokenizer.save_pretrained(folder)
+        (folder / LLAVA_JSON).write_text(json.dumps(self._info(extra), indent=2))
+
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype | None = None) -> LlavaModel:
-        """Load a folder written by `save_pretrained` (on the CPU; move it with `.to`)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def from_pretrained(
+        cls, model_dir: str | Path, dtype: torch.dtype | None = None, weights: str | Path | None = None
+    ) -> LlavaModel:
+        """Load a folder written by `save_pretrained`, or a `save_skeleton` folder plus `weights`
+        (a full state dict in safetensors, e.g. a training checkpoint). On the CPU; move with `.to`."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from tokenflow_cli.checkpoint import load_state
         from tokenflow_cli.config import from_dict
@@ -289,117 +319,26 @@ class LlavaModel(nn.Module):
         if info.get("format") != FORMAT:
             raise ValueError(f"{info_path}: format {info.get('format')!r}, expected {FORMAT!r}")
         config = from_dict(LlavaModelConfig, info["config"], str(info_path))
-        lm = AutoModelForCausalLM.from_pretrained(
-            model_dir, local_files_only=True, dtype=dtype or torch.float32
-        )
+        dtype = dtype or torch.float32
+        if weights is None:
+            lm = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
+        else:
+            lm_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+            lm = AutoModelForCausalLM.from_config(lm_config, dtype=dtype)
         text_tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        extra = {
-            k: v
-            for k, v in info.items()
-            if k not in ("format", "config", "feature_dim", "num_visual_tokens", "image_token_id")
-        }
+        fixed = ("format", "config", "feature_dim", "num_visual_tokens", "image_token_id")
+        extra = {k: v for k, v in info.items() if k not in fixed}
         model = cls(lm, text_tokenizer, config, info["feature_dim"], info["num_visual_tokens"], extra)
-        state, _ = load_state(model_dir / PROJECTOR_NAME)
-        model.projector.load_state_dict(state)
+        if weights is None:
+            model.projector.load_state_dict(load_state(model_dir / PROJECTOR_NAME)[0])
+        else:
+            model.load_state_dict(load_state(weights)[0], strict=True)
         return model
 
 
-def sample_next(
-    logits_BV: torch.Tensor, temperature: float, generator: torch.Generator | None
-) -> torch.Tensor:
+def sample_next(logits_BV: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
     """Greedy at temperature 0, else a draw from softmax(logits / temperature)."""
     if temperature <= 0:
         return logits_BV.argmax(-1)
     probs_BV = torch.softmax(logits_BV / temperature, dim=-1)
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
-
-
-# --------------------------------------------------------------------------------------------
-# Building
-# --------------------------------------------------------------------------------------------
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def build_llava(
-    config: LlavaModelConfig,
-    feature_dim: int,
-    num_visual_tokens: int,
-    texts: Iterable[str] = (),
-    extra: dict[str, Any] | None = None,
-) -> LlavaModel:
-    """A fresh model (or `config.init`'s) for the given feature source size.
-
-    The LLM comes from `config.init` (a saved understanding model, e.g. the stage-1 output),
-    else the local folder `config.llm`, else a tiny config, whose BPE tokenizer is trained on
-    `texts` (the training conversations)."""
-    if config.init:
-        model = LlavaModel.from_pretrained(config.init, dtype=_DTYPES[config.llm_dtype])
-        if (model.feature_dim, model.num_visual_tokens) != (feature_dim, num_visual_tokens):
-            raise ValueError(
-                f"{config.init} was trained on {model.num_visual_tokens} x {model.feature_dim} visual "
-                f"tokens ({model.config.features}); this recipe gives {num_visual_tokens} x {feature_dim} "
-                f"({config.features})"
-            )
-        model.config = config
-        model.extra.update(extra or {})
-        return model
-    if config.llm:
-        lm, text_tokenizer = load_local_lm(config.llm, _DTYPES[config.llm_dtype])
-    else:
-        lm, text_tokenizer = build_tiny_lm(config, texts)
-    from tokenflow_cli.text_tokenizer import add_special_tokens
-
-    add_special_tokens(text_tokenizer, [config.image_token])
-    if len(text_tokenizer) > lm.get_input_embeddings().num_embeddings:
-        lm.resize_token_embeddings(len(text_tokenizer))
-    return LlavaModel(lm, text_tokenizer, config, feature_dim, num_visual_tokens, extra)
-
-
-def load_local_lm(path: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """A transformers causal LM and its tokenizer from a local folder (never downloads)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not Path(path).is_dir():
-        raise FileNotFoundError(
-            f"model.llm: no folder {path!r}. Put a transformers causal LM there (config.json, *.safetensors "
-            "and tokenizer files, e.g. from `huggingface-cli download lmsys/vicuna-13b-v1.5 --local-dir ...`)"
-        )
-    lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-    text_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if text_tokenizer.pad_token is None:  # Llama/Vicuna ship none; LLaVA pads with unk
-        text_tokenizer.pad_token = text_tokenizer.unk_token or text_tokenizer.eos_token
-    return lm, text_tokenizer
-
-
-def build_tiny_lm(config: LlavaModelConfig, texts: Iterable[str]) -> tuple[nn.Module, Any]:
-    """A small causal LM from `config.tiny_llm` and a BPE trained on `texts`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tokenflow_cli.text_tokenizer import train_bpe_tokenizer
-
-    texts = list(texts)
-    if not texts:
-        raise ValueError(
-            "a tiny LLM needs training texts for its tokenizer (or set model.llm to a local LLM)"
-        )
-    t = config.tiny_llm
-    text_tokenizer = train_bpe_tokenizer(
-        texts, t.vocab_size, [config.image_token], model_max_length=t.max_position_embeddings
-    )
-    lm_config = AutoConfig.for_model(
-        t.architecture,
-        vocab_size=len(text_tokenizer),
-        hidden_size=t.hidden_size,
-        num_hidden_layers=t.num_layers,
-        num_attention_heads=t.num_heads,
-        num_key_value_heads=t.num_kv_heads,
-        intermediate_size=t.intermediate_size,
-        max_position_embeddings=t.max_position_embeddings,
-        rope_theta=t.rope_theta,
-        tie_word_embeddings=False,
-        bos_token_id=text_tokenizer.bos_token_id,
-        eos_token_id=text_tokenizer.eos_token_id,
-        pad_token_id=text_tokenizer.pad_token_id,
-    )
-    return AutoModelForCausalLM.from_config(lm_config), text_tokenizer
