@@ -116,9 +116,11 @@ class LlavaStage(Stage):
         return {"loss": out.loss}
 
     def notes(self) -> list[str]:
+        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        source = self.source
         out = [
-            f"stage {self.stage_number}: training {sum(p.numel() for p in self.model.parameters() if p.requires_grad):,} "
-            f"parameters; {self.source.num_tokens} x {self.source.feature_dim} {self.source.kind} visual tokens"
+            f"stage {self.stage_number}: training {trained:,} parameters; "
+            f"{source.num_tokens} x {source.feature_dim} {source.kind} visual tokens"
         ]
         if self.tokenizer_random_init:
             out.append(f"tokenizer {self.extra['tokenizer_source']}: RANDOM INIT, visual tokens carry little meaning")
