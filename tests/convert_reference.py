@@ -40,6 +40,7 @@ class OfficialSpec:
     tower_grid: int = 14  # trained position grid of the tower
     dec_width: int = 768
     dec_depth: int = 3
+    dec_heads: int = 12  # not in the state dict; used by the reference
     dec_mlp: int = 3072
     dec_grid: int = 14
     teacher_dim: int = 512
@@ -336,3 +337,67 @@ def reference_encode(sd: dict, img: torch.Tensor, s: OfficialSpec) -> tuple[torc
         residual = residual - up
         out.append(idx.reshape(B, sc * sc))
     return torch.cat(out, dim=1), margin
+
+
+# --------------------------------------------------------------------------------------------
+# Reference decode (README "What decode does")
+# --------------------------------------------------------------------------------------------
+
+
+def ref_indices_to_features(sd: dict, idx: torch.Tensor, s: OfficialSpec) -> torch.Tensor:
+    """Index path: normalised concatenated codes per scale, bicubic to the final grid, summed."""
+    cb = torch.cat(
+        [
+            F.normalize(sd["quantize.embedding_vqkd.weight"], dim=1),
+            F.normalize(sd["quantize.embedding_vqgan.weight"], dim=1),
+        ],
+        1,
+    )
+    G, B, start, f = s.scales[-1], idx.shape[0], 0, 0
+    for sc in s.scales:
+        code = cb[idx[:, start : start + sc * sc]].reshape(B, sc, sc, -1).permute(0, 3, 1, 2)
+        f = f + (code if sc == G else F.interpolate(code, size=(G, G), mode="bicubic"))
+        start += sc * sc
+    return f
+
+
+def ref_decode_pixels(sd: dict, f: torch.Tensor, s: OfficialSpec) -> torch.Tensor:
+    g = s.groups
+    h = _c(sd, "decoder.conv_in", _c(sd, "post_quant_conv", f[:, s.sem_dim :]), padding=1)
+    h = _ref_res(sd, "decoder.mid.2", _ref_attn(sd, "decoder.mid.1", _ref_res(sd, "decoder.mid.0", h, g), g), g)
+    i = 0
+    while f"decoder.conv_blocks.{i}.res.0.conv1.weight" in sd:
+        p, j = f"decoder.conv_blocks.{i}", 0
+        while f"{p}.res.{j}.conv1.weight" in sd:
+            h = _ref_res(sd, f"{p}.res.{j}", h, g)
+            if f"{p}.attn.{j}.q.weight" in sd:
+                h = _ref_attn(sd, f"{p}.attn.{j}", h, g)
+            j += 1
+        if f"{p}.upsample.conv.weight" in sd:
+            h = _c(sd, f"{p}.upsample.conv", F.interpolate(h, scale_factor=2.0, mode="nearest"), padding=1)
+        i += 1
+    img = _c(sd, "decoder.conv_out", F.silu(_gn(sd, "decoder.norm_out", h, g)), padding=1)
+    if img.shape[-1] != s.image_size:  # siglip: the 432 image back to 384
+        img = F.interpolate(img, size=(s.image_size, s.image_size), mode="bicubic")
+    return img
+
+
+def ref_decode_semantic(sd: dict, f: torch.Tensor, s: OfficialSpec) -> torch.Tensor:
+    """decoder_vqkd (BEiT-v2 ViT, q/v biases, exact GELU, eps 1e-6) then decode_task_layer."""
+    p = "decoder_vqkd"
+    t = _c(sd, f"{p}.patch_embed.proj", f[:, : s.sem_dim])
+    B, D, G, _ = t.shape
+    pos = sd[f"{p}.pos_embed"][0]
+    t = torch.cat([sd[f"{p}.cls_token"].expand(B, 1, D), t.flatten(2).transpose(1, 2)], dim=1)
+    t = t + torch.cat([pos[:1], _dino_resize(pos[1:], G)])
+    for i in range(s.dec_depth):
+        b = f"{p}.blocks.{i}"
+        h = _ln(sd, f"{b}.norm1", t, 1e-6)
+        bias = torch.cat([sd[f"{b}.attn.q_bias"], torch.zeros_like(sd[f"{b}.attn.v_bias"]), sd[f"{b}.attn.v_bias"]])
+        q, k, v = F.linear(h, sd[f"{b}.attn.qkv.weight"], bias).chunk(3, dim=-1)
+        t = t + F.linear(_mha(q, k, v, s.dec_heads), sd[f"{b}.attn.proj.weight"], sd[f"{b}.attn.proj.bias"])
+        h = F.gelu(F.linear(_ln(sd, f"{b}.norm2", t, 1e-6), sd[f"{b}.mlp.fc1.weight"], sd[f"{b}.mlp.fc1.bias"]))
+        t = t + F.linear(h, sd[f"{b}.mlp.fc2.weight"], sd[f"{b}.mlp.fc2.bias"])
+    t = _ln(sd, f"{p}.fc_norm", t[:, 1:], 1e-6)  # class token dropped, then fc_norm
+    h = torch.tanh(F.linear(t, sd["decode_task_layer.0.weight"], sd["decode_task_layer.0.bias"]))
+    return F.linear(h, sd["decode_task_layer.2.weight"], sd["decode_task_layer.2.bias"])

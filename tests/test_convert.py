@@ -25,7 +25,10 @@ from convert_reference import (
     OfficialSpec,
     fabricate,
     official_layout,
+    ref_decode_pixels,
+    ref_decode_semantic,
     ref_features,
+    ref_indices_to_features,
     reference_encode,
 )
 
@@ -61,13 +64,13 @@ SIGLIP_TOWER = "siglip-convert-test"  # 3 layers (features = layer 1), 13x13 gri
 
 SMALL_CLIP = OfficialSpec(
     ch=16, ch_mult=(1, 2, 2), enc_res=2, dec_ch=32, dec_res=2, z=32, codebook=64, width=64, layers=2, heads=2,
-    mlp=256, patch=4, tower_grid=14, dec_width=48, dec_depth=1, dec_mlp=192, dec_grid=14, teacher_dim=24, groups=8,
-    scales=(1, 2, 4, 6, 8, 10, 12, 14, 16), image_size=64,
+    mlp=256, patch=4, tower_grid=14, dec_width=48, dec_depth=1, dec_heads=2, dec_mlp=192, dec_grid=14,
+    teacher_dim=24, groups=8, scales=(1, 2, 4, 6, 8, 10, 12, 14, 16), image_size=64,
 )  # fmt: skip
 SMALL_SIGLIP = OfficialSpec(
     tower="siglip", ch=16, ch_mult=(1, 1, 2, 2), enc_res=2, dec_ch=16, dec_res=2, z=32, codebook=64, width=64,
-    layers=3, heads=2, mlp=176, patch=4, tower_grid=13, dec_width=64, dec_depth=1, dec_mlp=256, dec_grid=13,
-    teacher_dim=64, groups=8, scales=(1, 2, 3, 4, 5, 6, 8, 10, 13), image_size=54, pixel_size=104,
+    layers=3, heads=2, mlp=176, patch=4, tower_grid=13, dec_width=64, dec_depth=1, dec_heads=2, dec_mlp=256,
+    dec_grid=13, teacher_dim=64, groups=8, scales=(1, 2, 3, 4, 5, 6, 8, 10, 13), image_size=54, pixel_size=104,
 )  # fmt: skip
 
 
@@ -96,7 +99,9 @@ def _small_config(s: OfficialSpec) -> ModelConfig:
         ),
         teacher=TeacherConfig(dim=s.teacher_dim),
         quantizer=QuantizerConfig(codebook_size=s.codebook, scales=s.scales, search_chunk_size=24),
-        semantic_decoder=SemanticDecoderConfig(width=s.dec_width, depth=s.dec_depth, heads=2, grid_size=s.dec_grid),
+        semantic_decoder=SemanticDecoderConfig(
+            width=s.dec_width, depth=s.dec_depth, heads=s.dec_heads, grid_size=s.dec_grid
+        ),
     )
 
 
@@ -169,17 +174,22 @@ def test_variant_guess_needs_known_decoder_width():
 # ------------------------------------------------------------------ reduced: files and parity
 
 
-@pytest.mark.parametrize("spec", [SMALL_CLIP, SMALL_SIGLIP], ids=["clipb-style", "siglip-style"])
-def test_reduced_conversion_places_every_tensor_and_reproduces_official_indices(tmp_path, small_towers, spec):
-    official = fabricate(spec, seed=3)
-    marker = "quantize.embedding_vqkd.weight"
-    official[marker][5, 3] = 123.25
+def _convert_small(tmp_path: Path, spec: OfficialSpec, official: dict):
     src = _save_official(tmp_path / "official.pt", official)
     report = convert_checkpoint(src, tmp_path / "ours.safetensors", config=_small_config(spec))
+    return report, load_tokenizer(tmp_path / "ours.safetensors")
+
+
+SMALL = pytest.mark.parametrize("spec", [SMALL_CLIP, SMALL_SIGLIP], ids=["clipb-style", "siglip-style"])
+
+
+@SMALL
+def test_reduced_conversion_places_every_tensor(tmp_path, small_towers, spec):
+    official = fabricate(spec, seed=3)
+    official["quantize.embedding_vqkd.weight"][5, 3] = 123.25
+    report, tok = _convert_small(tmp_path, spec, official)
     assert report.entry == "model" and "args" in report.other_entries and report.steps == 1
     assert set(report.not_carried) == {k for k in official if k.startswith(("quantize.codebook_used", "scaling_layer"))}
-    tok = load_tokenizer(tmp_path / "ours.safetensors")
-
     ours = tok.state_dict()
     for key, value in official.items():  # every official tensor arrived where it belongs
         if official_to_ours(key) is not None and not key.startswith("scaling_layer"):
@@ -191,28 +201,47 @@ def test_reduced_conversion_places_every_tensor_and_reproduces_official_indices(
         key = "encoder_vqkd.vision_model.encoder.layers.2.mlp.fc1.bias"
         assert torch.equal(tok.semantic_encoder.tower.encoder.layers[2].mlp.fc1.bias, official[key])
     else:
-        assert torch.equal(
-            tok.semantic_encoder.tower.positional_embedding, official["encoder_vqkd.positional_embedding"]
-        )
+        key = "encoder_vqkd.positional_embedding"
+        assert torch.equal(tok.semantic_encoder.tower.positional_embedding, official[key])
 
-    official[marker][5, 3] = 0.3  # the marker would dominate the codebook norms otherwise
-    tok.quantizer.semantic_codebook.weight.data[5, 3] = 0.3
+
+@SMALL
+@torch.no_grad()
+def test_reduced_converted_model_reproduces_official_encode(tmp_path, small_towers, spec):
+    official = fabricate(spec, seed=3)
+    _, tok = _convert_small(tmp_path, spec, official)
     img = _images(spec)
     sd64 = {k: v.double() for k, v in official.items()}
-    with torch.no_grad():
-        ref_f = ref_features(sd64, img.double(), spec)
-        torch.testing.assert_close(tok.encode_features(img), ref_f.float(), atol=2e-5, rtol=0)  # fp32 path
-        ref_idx, margin = reference_encode(sd64, img.double(), spec)
-        # Indices: our model in fp64 (the quantizer still searches in fp32, error << 1e-5), so
-        # that a near-tie cannot flip a choice; the margin check keeps the comparison meaningful.
-        tok.double()
-        # (position tables are resized in fp32 by design, hence not 1e-12)
-        torch.testing.assert_close(tok.encode_features(img.double()), ref_f, atol=5e-6, rtol=0)
-        ours_idx = tok.img_to_codes(img.double()).indices
+    ref_f = ref_features(sd64, img.double(), spec)
+    torch.testing.assert_close(tok.encode_features(img), ref_f.float(), atol=2e-5, rtol=0)  # the fp32 path
+    ref_idx, margin = reference_encode(sd64, img.double(), spec)
+    # Indices: our model in fp64 (its quantizer still searches in fp32, error << 1e-5) so that
+    # a near-tie cannot flip a choice; the margin check keeps the comparison meaningful.
+    tok.double()
+    # position tables are resized in fp32 by design, hence 5e-6 and not 1e-12
+    torch.testing.assert_close(tok.encode_features(img.double()), ref_f, atol=5e-6, rtol=0)
+    ours_idx = tok.img_to_codes(img.double()).indices
     assert margin > 1e-5, "fixture too close to a tie for the fp32 codebook search"
     assert ours_idx.shape == (2, sum(s * s for s in spec.scales))
     assert torch.equal(ours_idx, ref_idx)
-    assert tok.codes_to_img(ours_idx[:1]).shape == (1, 3, spec.image_size, spec.image_size)
+
+
+@SMALL
+@torch.no_grad()
+def test_reduced_converted_model_reproduces_official_decode(tmp_path, small_towers, spec):
+    official = fabricate(spec, seed=4)
+    _, tok = _convert_small(tmp_path, spec, official)
+    tok.double()
+    sd64 = {k: v.double() for k, v in official.items()}
+    idx = torch.randint(
+        0, spec.codebook, (2, sum(s * s for s in spec.scales)), generator=torch.Generator().manual_seed(0)
+    )
+    f = tok.codes_to_features(idx)
+    torch.testing.assert_close(f, ref_indices_to_features(sd64, idx, spec), atol=1e-10, rtol=0)
+    img = tok.features_to_img(f)
+    assert img.shape == (2, 3, spec.image_size, spec.image_size)
+    torch.testing.assert_close(img, ref_decode_pixels(sd64, f, spec), atol=1e-8, rtol=0)
+    torch.testing.assert_close(tok.features_to_semantic(f), ref_decode_semantic(sd64, f, spec), atol=1e-5, rtol=0)
 
 
 def test_ema_wins_then_model_then_state_dict_and_module_prefix_is_stripped(tmp_path, small_towers):
