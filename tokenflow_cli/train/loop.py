@@ -135,6 +135,10 @@ class Stage:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def notes(self) -> list[str]:
+        """Lines the run prints once at the start (e.g. which parts are randomly initialised)."""
+        return []
+
     def num_samples(self, batch: Any) -> int:
         """Samples in a micro-batch, for images/s."""
         if isinstance(batch, dict) and isinstance(batch.get("image"), torch.Tensor):
@@ -156,6 +160,7 @@ class TrainResult:
     images_per_s: float = 0.0  # over the steps this process ran, all ranks together
     seconds: float = 0.0
     stopped_early: bool = False  # stopped by Ctrl-C / SIGTERM (a checkpoint was written)
+    rank: int = 0  # under torchrun only rank 0 reports
 
 
 def train(
@@ -223,6 +228,8 @@ class _Loop:
                 save_resolved(recipe, run_dir / "recipe.yaml")
             self.progress = progress or TrainProgress(
                 run_dir, cfg.steps, self.start_step if train_state else None, live=live)
+            for note in stage.notes():
+                self.progress.message(note)
             if latest:
                 self.progress.message(f"resumed from {latest} (step {self.start_step})")
 
@@ -308,7 +315,7 @@ class _Loop:
         seconds = time.perf_counter() - started
         return TrainResult(self.run_dir, step, latest, history, last_eval,
                            images * self.info.world_size / max(seconds, 1e-9), seconds,
-                           stopped_early=step < cfg.steps)
+                           stopped_early=step < cfg.steps, rank=self.info.rank)
 
     def _one_step(self, batches: Any, step: int) -> tuple[dict[str, float], int]:
         cfg, stage = self.cfg, self.stage
