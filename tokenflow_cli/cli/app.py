@@ -8,7 +8,6 @@ from tokenflow_cli.cli import (
     eval_metrics_cmd,  # noqa: F401  (eval rfid|usage|teacher, prepare-fid)
     generate_cmd,  # noqa: F401  (generate, train-generator, eval geneval)
     llava_cmd,  # noqa: F401  (ask, finetune-llava)
-    train_cmd,  # noqa: F401  (train-tokenizer)
     teacher_cmd,  # noqa: F401  (train-teacher)
     train_cmd,  # noqa: F401  (train-tokenizer)
 )
