@@ -56,6 +56,15 @@ def _peak(device: torch.device) -> int:
     return _rss_hwm_bytes()
 
 
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def measure(fn, device: torch.device, repeats: int) -> tuple[float, int, object]:
     out = fn()  # warm-up
     base = _reset_peak(device)
@@ -84,24 +93,30 @@ def run(device: torch.device, repeats: int, quick: bool, chunk: int) -> list[dic
             cb_pix = F.normalize(torch.randn(k, D_PIX, generator=g), dim=1).to(device)
             flop = 2.0 * n * k * (D_SEM + D_PIX)
             args = (z_sem, z_pix, cb_sem, cb_pix)
-            t_plain, m_plain, idx_plain = measure(lambda args=args: plain_full_distance(*args), device, repeats)
+            plain_need = 3 * n * k * 4  # d_sem, d_pix and their sum, all N x K fp32
+            plain_fits = plain_need < 0.7 * available_bytes(device)
+            if plain_fits:
+                t_plain, m_plain, idx_plain = measure(lambda args=args: plain_full_distance(*args), device, repeats)
+            else:  # the official full-matrix search does not fit: report it rather than be OOM-killed
+                t_plain, m_plain, idx_plain = float("nan"), plain_need, None
             search = lambda args=args: nearest_code(*args, chunk_size=chunk)  # noqa: E731
             t_chunk, m_chunk, idx_chunk = measure(search, device, repeats)
             a, b = torch.randn(n, D_SEM + D_PIX, device=device), torch.randn(D_SEM + D_PIX, k, device=device)
             t_mm, _, _ = measure(lambda a=a, b=b: a @ b, device, repeats)
-            agree = float((idx_plain == idx_chunk).float().mean())
+            agree = float((idx_plain == idx_chunk).float().mean()) if plain_fits else float("nan")
             rows.append(
                 {
                     "recipe": recipe,
                     "tokens": n,
                     "K": k,
                     "chunk": chunk,
-                    "plain_s": t_plain,
+                    "plain_fits": plain_fits,
+                "plain_s": t_plain,
                     "chunked_s": t_chunk,
                     "speedup": t_plain / t_chunk,
                     "plain_peak_MiB": m_plain / 2**20,
                     "chunked_peak_MiB": m_chunk / 2**20,
-                    "memory_ratio": (m_chunk / m_plain) if m_plain else None,
+                    "memory_ratio": (m_chunk / m_plain) if m_plain and plain_fits else None,
                     "chunked_GFLOPs": flop / t_chunk / 1e9,
                     "plain_GFLOPs": flop / t_plain / 1e9,
                     "mm_GFLOPs": flop / t_mm / 1e9,
@@ -139,7 +154,7 @@ def print_table(rows: list[dict], device: torch.device) -> None:
             r["recipe"],
             str(r["tokens"]),
             str(r["K"]),
-            f"{r['plain_s']:.3f}",
+            f"{r['plain_s']:.3f}" if r["plain_fits"] else f"OOM ({r['plain_peak_MiB'] / 1024:.0f} GiB)",
             f"{r['chunked_s']:.3f}",
             f"{r['speedup']:.2f}x",
             f"{r['plain_peak_MiB']:.0f}",
