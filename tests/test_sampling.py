@@ -119,3 +119,16 @@ def test_cfg_ramp() -> None:
         t = cfg_strength(2.0, si, n)
         torch.testing.assert_close(guide(cond, uncond, t), (1 + t) * cond - t * uncond)
     assert torch.equal(guide(cond, uncond, 0.0), cond)
+
+
+def test_draws_follow_the_filtered_softmax() -> None:
+    logits = torch.tensor([1.0, 2.0, 0.5, 2.0, 1.5, -1.0])  # tie at 2.0
+    sp = SamplingPass(3, 0.9)
+    expected = torch.softmax(filter_logits(logits, 3, 0.9), -1)
+    draws = sample_codes(logits.expand(40000, 6), sp, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=6).float() / draws.numel()
+    assert set(torch.nonzero(freq).flatten().tolist()) == set(torch.nonzero(expected).flatten().tolist())
+    torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
+    tied = torch.tensor([0.0, 3.0, 3.0, 3.0, 1.0])
+    picks = sample_codes(tied.expand(2000, 5), SamplingPass(2, 0.0), generator=torch.Generator().manual_seed(1))
+    assert set(picks.tolist()) == {1, 2}  # of the three tied codes, the two lowest indices

@@ -33,13 +33,18 @@ def _descending_order(logits_NK: torch.Tensor) -> torch.Tensor:
 
 
 def top_k_keep(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Bool mask of the codes top-k keeps (exactly k per row; all when off)."""
+    """Bool mask of the codes top-k keeps (exactly k per row; all when off).
+
+    O(K) beyond `torch.topk`: everything above the k-th largest value, then as many of the codes
+    equal to it as there is room for, lowest index first (topk's own tie order is unspecified)."""
     vocab = logits.shape[-1]
     if top_k <= 0 or top_k >= vocab:
         return torch.ones_like(logits, dtype=torch.bool)
-    order = _descending_order(logits)[..., :top_k]
-    keep = torch.zeros_like(logits, dtype=torch.bool)
-    return keep.scatter_(-1, order, True)
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    above = logits > kth
+    at = logits == kth
+    room = top_k - above.sum(-1, keepdim=True)
+    return above | (at & (at.cumsum(-1) <= room))
 
 
 def top_p_keep(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -173,12 +178,23 @@ def sample_codes(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Draw one code per row of `logits` (..., K) -> (...) int64 under one pass's filters."""
+    """Draw one code per row of `logits` (..., K) -> (...) int64 under one pass's filters.
+
+    With top-k on, the draw runs over the k survivors only (in code-index order), so top-p
+    sorts k values instead of K: the kept set is exactly `filter_logits`'s."""
     if sampling_pass.greedy:
-        return logits.argmax(dim=-1)  # first index among ties, like the stable top-k
+        return logits.argmax(dim=-1)  # first index among ties, like top-k's tie rule
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    filtered = filter_logits(logits.float() / temperature, sampling_pass.top_k, sampling_pass.top_p)
-    probs_NK = torch.softmax(filtered.reshape(-1, logits.shape[-1]), dim=-1)
-    drawn_N = torch.multinomial(probs_NK, 1, generator=generator)
-    return drawn_N.reshape(logits.shape[:-1])
+    vocab = logits.shape[-1]
+    x_NK = logits.float().reshape(-1, vocab) / temperature
+    candidates_Nk = None
+    if 0 < sampling_pass.top_k < vocab:
+        keep_NK = top_k_keep(x_NK, sampling_pass.top_k)
+        candidates_Nk = keep_NK.nonzero()[:, 1].reshape(x_NK.shape[0], sampling_pass.top_k)
+        x_NK = x_NK.gather(-1, candidates_Nk)
+    x_NK = x_NK.masked_fill(~top_p_keep(x_NK, sampling_pass.top_p), float("-inf"))
+    drawn_N1 = torch.multinomial(torch.softmax(x_NK, dim=-1), 1, generator=generator)
+    if candidates_Nk is not None:
+        drawn_N1 = candidates_Nk.gather(-1, drawn_N1)
+    return drawn_N1.reshape(logits.shape[:-1])

@@ -33,6 +33,7 @@ sampler does; with the same seed it gives the same codes as the cached path.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -98,6 +99,13 @@ class GeneratorOutput:
 # --------------------------------------------------------------------------------------------
 
 
+def _rope_kwargs(config_cls: type, theta: float) -> dict:
+    """transformers 5 takes `rope_parameters`, 4.x `rope_theta`."""
+    if "rope_parameters" in inspect.signature(config_cls.__init__).parameters:
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    return {"rope_theta": theta}
+
+
 def _llama(cfg: GeneratorModelConfig) -> nn.Module:
     from transformers import LlamaConfig, LlamaModel
 
@@ -109,7 +117,7 @@ def _llama(cfg: GeneratorModelConfig) -> nn.Module:
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
         rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        **_rope_kwargs(LlamaConfig, cfg.rope_theta),
         max_position_embeddings=cfg.max_text_tokens + 2 * sum(s * s for s in cfg.scales),
         initializer_range=cfg.init_std,
         attn_implementation=cfg.attn_implementation,
@@ -202,6 +210,9 @@ class _Context:
             from transformers import DynamicCache
 
             self.cache = DynamicCache(config=model.lm.config)
+            # transformers 5.24 renamed `past_key_values` to `cache` (old name deprecated)
+            params = inspect.signature(model.lm.forward).parameters
+            self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     def extend(self, embeds_BqH: torch.Tensor, levels_q: torch.Tensor, positions_q: torch.Tensor,
                valid_Bq: torch.Tensor, run: bool = True) -> torch.Tensor | None:
@@ -215,7 +226,7 @@ class _Context:
         if self.cache is not None:
             mask = lm_mask(block_causal_allowed(levels, valid, q), lm, embeds_BqH.dtype)
             out = lm(inputs_embeds=embeds_BqH, attention_mask=mask, position_ids=positions_q[None],
-                     cache=self.cache, use_cache=True)
+                     use_cache=True, **{self.cache_kwarg: self.cache})
             return out.last_hidden_state
         self.embeds.append(embeds_BqH)
         return self.recompute()[:, -q:] if run else None
