@@ -313,9 +313,23 @@ def test_cli_convert(tmp_path, small_towers):
     assert "entry model" in text and "stored, not needed" in text and "not carried: quantize.codebook_used" in text
     assert load_tokenizer(out).config.name == "small-siglip"
     bad = CliRunner().invoke(app, ["convert", str(src), "-o", str(tmp_path / "y.safetensors")])
-    assert bad.exit_code != 0 and "siglip-384" in " ".join(
-        bad.output.split()
-    )  # guessed, then the full-size shapes differ
+    bad_text = " ".join(bad.output.split())
+    assert bad.exit_code != 0 and "as variant siglip-384" in bad_text  # guessed; the full-size shapes differ
+
+    from PIL import Image
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (70 + i * 30, 60), (40 * i, 120, 200)).save(images / f"{i}.png")
+    codes = tmp_path / "codes.npz"
+    tok_run = CliRunner().invoke(
+        app, ["tokenize", str(images), "-o", str(codes), "--model", str(out), "--device", "cpu"]
+    )
+    assert tok_run.exit_code == 0, tok_run.output
+    from tokenflow_cli.codes import read_codes
+
+    assert read_codes(codes).indices.shape == (2, sum(s * s for s in SMALL_SIGLIP.scales))
 
 
 # ------------------------------------------------------------------------------ slow: full file
