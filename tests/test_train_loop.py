@@ -208,3 +208,9 @@ def test_metrics_csv_gains_columns_when_new_losses_appear(tmp_path):
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert "critic_loss" in lines[0].split(",") and len(lines) == 4
     assert (tmp_path / "recipe.yaml").exists() is False  # no recipe given, none written
+
+
+def test_time_limit_stops_early_with_a_checkpoint(tmp_path):
+    result = train(ToyStage(), toy_cfg(steps=50), tmp_path, device="cpu", live=False, time_limit_s=1e-9)
+    assert result.stopped_early and result.step == 1
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [1]

@@ -173,11 +173,14 @@ def train(
     resume: bool = True,
     progress: TrainProgress | None = None,
     live: bool | None = True,
+    time_limit_s: float | None = None,
 ) -> TrainResult:
     """Train `stage` for `cfg.steps` optimizer steps, resuming from RUN_DIR when it holds a
     checkpoint (and `resume`). `recipe` (any dataclass) is written to RUN_DIR/recipe.yaml.
+    `time_limit_s` stops early (with a checkpoint) like Ctrl-C once that much time has passed.
     Raises `NonFiniteLossError` on a NaN/inf loss without writing a checkpoint."""
     loop = _Loop(stage, cfg, Path(run_dir), recipe, device, resume, progress, live)
+    loop.deadline = time.perf_counter() + time_limit_s if time_limit_s else None
     try:
         return loop.run()
     finally:
@@ -194,6 +197,7 @@ class _Loop:
         self.stage, self.cfg, self.run_dir, self.device = stage, cfg, run_dir, dev
         self.stop_requested = False  # agreed by all ranks at every step
         self._signalled = False  # this process got SIGINT/SIGTERM
+        self.deadline: float | None = None  # perf_counter time after which the run stops early
         self._old_handlers: dict[int, Any] = {}
 
         if self.info.is_main:
@@ -295,6 +299,8 @@ class _Loop:
         window_start, window_images = started, 0
         latest = run_state.latest_checkpoint(self.run_dir)
         while step < cfg.steps and not self.stop_requested:
+            if self.deadline is not None and time.perf_counter() > self.deadline:
+                self._signalled = True  # agreed across ranks at the end of this step
             losses, n = self._one_step(batches, step)
             step += 1
             images += n

@@ -298,11 +298,12 @@ class TokenizerStage(Stage):
 
 
 def train_tokenizer(recipe: TokenizerRecipe, run_dir: str | Path, *, device: str = "auto", resume: bool = True,
-                    live: bool | None = True) -> TrainResult:
+                    live: bool | None = True, time_limit_s: float | None = None) -> TrainResult:
     """Build the tokenizer stage for `recipe` and run the generic loop (seeded by train.seed, so a
     random-init teacher and model are the same on every rank and on resume)."""
     from tokenflow_cli.device import seed_everything
 
     seed_everything(recipe.train.seed)
     stage = TokenizerStage(recipe)
-    return train(stage, recipe.train, run_dir, recipe=recipe, device=device, resume=resume, live=live)
+    return train(stage, recipe.train, run_dir, recipe=recipe, device=device, resume=resume, live=live,
+                 time_limit_s=time_limit_s)
