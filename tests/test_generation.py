@@ -168,7 +168,7 @@ def test_caption_matching_and_dropout() -> None:
     assert set(share) == {"x", "y", "bad"} and abs(share["bad"] - 0.25) < 0.07
 
 
-@pytest.mark.parametrize("source", ["codes", "images"])
+@pytest.mark.parametrize("source", ["codes", pytest.param("images", marks=pytest.mark.slow)])
 def test_train_generator_cli_makes_a_loadable_run(run_dir: Path, tmp_path: Path, source: str) -> None:
     from tokenflow_cli.cli.app import app
     from tokenflow_cli.data.shapes import render_shapes_world
@@ -198,3 +198,19 @@ def test_train_generator_cli_makes_a_loadable_run(run_dir: Path, tmp_path: Path,
     codes = loaded.model.generate(loaded.tokenizer, loaded.prompts(["a photo of a circle"]), None,
                                   get_schedule("one-pass"), generator=torch.Generator().manual_seed(0))
     assert codes.shape == (1, 521)
+
+
+def test_eval_geneval_cli_compares_schedules(run_dir: Path, tmp_path: Path) -> None:
+    from tokenflow_cli.cli.app import app
+
+    args = ["eval", "geneval", "--model", str(run_dir), "--per-tag", "1", "--samples", "1",
+            "--schedules", "one-pass,1200:0.8;1:0", "-o", str(tmp_path), "--device", "cpu", "-b", "8"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["schedules"]) == {"one-pass", "1200:0.8,1:0"}
+    one = report["schedules"]["one-pass"]
+    assert set(one["per_tag"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    assert one["images"] == one["prompts"] == 6 and 0.0 <= one["overall"] <= 1.0
+    assert len(list((tmp_path / "one-pass" / "geneval").glob("*/samples/0000.png"))) == 6
+    assert len((tmp_path / "one-pass" / "records.jsonl").read_text().splitlines()) == 6
