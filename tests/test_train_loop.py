@@ -214,3 +214,21 @@ def test_time_limit_stops_early_with_a_checkpoint(tmp_path):
     result = train(ToyStage(), toy_cfg(steps=50), tmp_path, device="cpu", live=False, time_limit_s=1e-9)
     assert result.stopped_early and result.step == 1
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [1]
+
+
+def test_live_panel_shows_losses_and_usage_per_scale(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from tokenflow_cli.train.progress import TrainProgress
+
+    buffer = io.StringIO()
+    progress = TrainProgress(tmp_path, 10, console=Console(file=buffer, force_terminal=True, width=120))
+    progress.train_row({"step": 3, "lr": 1e-4, "images_per_s": 12.5, "eta_s": 61.0, "loss": 0.5, "l2": 0.1,
+                        "usage": 0.5, "usage@1": 1.0, "usage@4": 0.25, "ppl": 40.0, "ppl@1": 1.0, "ppl@4": 9.0})
+    progress.close()
+    shown = buffer.getvalue()
+    for text in ("3/10", "12.5", "01:01", "4x4", "25%", "perplexity", "loss"):
+        assert text in shown, text
+    assert (tmp_path / "metrics.csv").read_text().startswith("step,lr,images_per_s")
