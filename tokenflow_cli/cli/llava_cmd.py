@@ -133,10 +133,10 @@ def finetune_llava_cmd(
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 reports under torchrun
     last = result.history[-1] if result.history else {}
-    shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss",) if k in last)
-    evals = ", ".join(f"{k} {v:.4g}" for k, v in result.last_eval.items() if k != "step")
+    figures = [f"loss {last['loss']:.4g}"] if "loss" in last else []
+    figures += [f"{k} {v:.4g}" for k, v in result.last_eval.items() if k != "step"]
     console.print(
-        f"stage {stage}: {result.step} steps in {result.seconds:.0f}s ({shown}{'; ' + evals if evals else ''})"
+        f"stage {stage}: {result.step} steps in {result.seconds:.0f}s" + (f" ({', '.join(figures)})" if figures else "")
     )
     if final is not None:
         console.print(f"model: [bold]{final}[/] (transformers format; `tokenflow ask IMAGE Q --model {run_dir}`)")
