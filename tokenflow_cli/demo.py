@@ -34,6 +34,7 @@ class DemoContext:
     n_natural: int = 400
     n_val: int = 32  # held-out images per kind
     install: bool = True  # make the trained tokenizer the default
+    overrides: list[str] = field(default_factory=list)  # extra `--set` values for the tiny recipe
     data: dict[str, Path] = field(default_factory=dict)  # name -> image folder or list file
     run_dir: Path | None = None
     tokenizer_path: Path | None = None  # the trained model.safetensors
@@ -76,6 +77,7 @@ def train_tokenizer_step(ctx: DemoContext) -> None:
             f"data.train={ctx.data['train']}", f"data.val={ctx.data['val']}", f"train.steps={steps}",
             f"train.seed={ctx.seed}", "train.log_every=1" if steps == CALIBRATION_STEPS else "train.log_every=10",
             f"train.eval_every={0 if steps == CALIBRATION_STEPS else steps}", "data.val_limit=64",
+            *ctx.overrides,
         ])
 
     ctx.say(f"tokenizer: measuring speed over {CALIBRATION_STEPS} steps ...")
@@ -145,9 +147,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-install", action="store_true", help="do not replace the default tokenizer")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a tiny-recipe value (repeatable), e.g. --set train.lr=3e-4")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download; fail fast instead
-    ctx = DemoContext(args.output, args.minutes, args.device, args.seed, install=not args.no_install)
+    ctx = DemoContext(args.output, args.minutes, args.device, args.seed, install=not args.no_install,
+                      overrides=args.overrides)
     started = time.perf_counter()
     for step in DEMO_STEPS:
         step(ctx)
