@@ -86,44 +86,25 @@ def main() -> None:
         run(["data", "shapes", "-n", str(n), "--seed", str(seed), "--llava", "-o", str(out / name)], env, log)
         for name, n, seed in (("train", a.train_images, 0), ("val", 64, 1), ("test", a.test_images, 2))
     )
-    seconds["teacher"] = run(
-        [
-            "train-teacher",
-            "teacher-tiny",
-            "-o",
-            str(out / "teacher"),
-            "--steps",
-            str(a.teacher_steps),
-            "--set",
-            f"data.captions={out / 'train' / 'captions.jsonl'}",
-            *dev,
-        ],
-        env,
-        log,
-    )
-    seconds["tokenizer"] = run(
-        [
-            "train-tokenizer",
-            "tiny",
-            "-o",
-            str(out / "tokenizer"),
-            "--steps",
-            str(a.tokenizer_steps),
-            "--set",
-            f"data.train={out / 'train' / 'images'}",
-            "--set",
-            "model.teacher.pretrained=teacher-tiny",
-            "--set",
-            "model.semantic_encoder.pretrained=teacher-tiny",
-            *dev,
-        ],
-        env,
-        log,
-    )
+    teacher = ["train-teacher", "teacher-tiny", "-o", str(out / "teacher"), "--steps", str(a.teacher_steps)]
+    teacher += ["--set", f"data.captions={out / 'train' / 'captions.jsonl'}", *dev]
+    try:
+        seconds["teacher"] = run(teacher, env, log, a.teacher_limit)
+        source = "teacher-tiny"
+    except RuntimeError as err:  # go on with a random-init teacher: said in every later output
+        print(err, file=sys.stderr)
+        source = ""
+    tokenizer = ["train-tokenizer", "tiny", "-o", str(out / "tokenizer"), "--steps", str(a.tokenizer_steps)]
+    tokenizer += ["--set", f"data.train={out / 'train' / 'images'}", "--set", f"model.teacher.pretrained={source}"]
+    tokenizer += ["--set", f"model.semantic_encoder.pretrained={source}", *dev]
+    seconds["tokenizer"] = run(tokenizer, env, log, a.tokenizer_limit)
     summary = {
         "settings": {k: v for k, v in vars(a).items() if k != "output"},
         "seconds": seconds,
-        "steps": {"teacher": last_step(out / "teacher"), "tokenizer": last_step(out / "tokenizer")},
+        "steps": {
+            "clip_teacher": last_step(out / "teacher") if source else 0,
+            "tokenizer": last_step(out / "tokenizer"),
+        },
         "reports": {},
     }
 
@@ -179,7 +160,7 @@ def main() -> None:
             env,
             out / f"log-{feature}.txt",
         )
-        summary["steps"][feature] = [last_step(s1), last_step(s2)]
+        summary["steps"][f"{feature}_stages"] = [last_step(s1), last_step(s2)]
         summary["reports"][feature] = json.loads((ev / "report.json").read_text())
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
@@ -187,8 +168,11 @@ def main() -> None:
     features = a.features.split(",")
     with concurrent.futures.ThreadPoolExecutor(len(features) if a.parallel else 1) as pool:
         for future in [pool.submit(chain, f) for f in features]:
-            future.result()
-    summary["reports"] = {f: summary["reports"][f] for f in features}
+            try:
+                future.result()
+            except RuntimeError as err:  # one failed choice keeps the others' figures
+                print(err, file=sys.stderr)
+    summary["reports"] = {f: summary["reports"][f] for f in features if f in summary["reports"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(markdown_table(summary["reports"]))
     print("\nsteps: " + json.dumps(summary["steps"]))
