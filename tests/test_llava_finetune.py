@@ -126,3 +126,48 @@ def test_tiny_pipeline_end_to_end_through_the_cli(recipe, tmp_path) -> None:
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert report["n"] > 0 and set(report["per_type"]) >= {"count", "color", "background"}
     assert report["model"].endswith("final")
+
+
+@pytest.mark.slow
+def test_stage2_under_torchrun_with_two_cpu_processes(recipe, tmp_path) -> None:
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    recipe_file = tmp_path / "llava.yaml"
+    tree = to_dict(recipe)
+    tree["train"].update(steps=2, batch_size=2)
+    recipe_file.write_text(yaml.safe_dump(tree))
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "tokenflow_cli",
+            "finetune-llava",
+            str(recipe_file),
+            "--stage",
+            "2",
+            "-o",
+            str(run),
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows if r.get("split") == "train") == 2
+    lm_before, _ = lm_and_projector(run / "checkpoints" / f"step-{1:08d}")
+    lm_after, _ = lm_and_projector(run / "checkpoints" / f"step-{2:08d}")
+    assert changed(lm_before, lm_after) and (run / "final" / "config.json").is_file()
