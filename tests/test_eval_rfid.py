@@ -72,7 +72,7 @@ def test_usage_command_writes_views_and_histograms(photos, tmp_path):
     from tokenflow_cli.cli.app import app
 
     out = tmp_path / "usage"
-    result = CliRunner().invoke(app, ["eval", "usage", "--data", str(photos), "-o", str(out), "--device", "cpu"])
+    result = CliRunner().invoke(app, ["eval", "usage", str(photos), "-o", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert set(report["views"]) == {"shared", "semantic", "pixel"} and report["images"] == 4

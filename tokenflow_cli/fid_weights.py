@@ -14,6 +14,7 @@ features) are exact; Inception Score is NOT available from this file (it would r
 
 from __future__ import annotations
 
+import io
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -143,7 +144,9 @@ def build_fid_weights(output: Path | None = None, source: Path | None = None, at
         skeleton = _fidelity_skeleton(Path(scratch))
     with atomic_path(output) as tmp:
         mapped = map_state(script.state_dict(), skeleton.state_dict(), _fidelity_units(skeleton))
-        torch.save(mapped, tmp)
+        buffer = io.BytesIO()  # saved via a buffer: a file path would name the zip's root folder after the
+        torch.save(mapped, buffer)  # random temporary name, so the same weights would hash differently
+        tmp.write_bytes(buffer.getvalue())
         # load through torch-fidelity's own constructor: exactly what calculate_metrics will do
         model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(tmp))
         diff, scale = check_against_script(model, script)

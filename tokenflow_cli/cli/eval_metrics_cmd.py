@@ -20,6 +20,7 @@ DataOpt = Annotated[
     typer.Option("--data", help="Images (folder, glob, list); default: the built-in held-out shapes + photo crops."),
 ]
 LimitOpt = Annotated[int, typer.Option("--limit", help="At most N images (0 = all; built-in set: 64 + 64).")]
+ImagesArg = Annotated[str | None, typer.Argument(help="Images (same as --data).", show_default=False)]
 
 
 def _resolve(model: str | None, device: str):
@@ -60,6 +61,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 @eval_app.command("rfid")
 def rfid_cmd(
+    images: ImagesArg = None,
     res: Annotated[int, typer.Option("--res", help="Evaluation resolution (crop size); 0 = the model's.")] = 0,
     model: ModelOpt = None,
     data: DataOpt = None,
@@ -85,6 +87,7 @@ def rfid_cmd(
     from tokenflow_cli.eval.recon import RfidOptions, run_rfid
     from tokenflow_cli.weights import MissingWeightsError
 
+    data = data or images
     if tiny_features:
         spec = tiny_spec()
     else:
@@ -125,6 +128,7 @@ def _print_rfid(report: dict) -> None:
 
 @eval_app.command("usage")
 def usage_cmd(
+    images: ImagesArg = None,
     model: ModelOpt = None,
     data: DataOpt = None,
     limit: LimitOpt = 0,
@@ -140,7 +144,7 @@ def usage_cmd(
 
     resolved = _resolve(model, device)
     tok = resolved.tokenizer
-    subsets = _subsets(data, limit, tok.image_size)
+    subsets = _subsets(data or images, limit, tok.image_size)
     paths = [p for s in subsets for p in s.paths]
     batches = (img for img, _, _ in iterate_batches(paths, tok.image_size, batch_size, 0, strict=False))
     with image_progress(len(paths), "usage") as update:

@@ -71,7 +71,9 @@ def build_lpips_metric(net: str = "vgg", allow_random_backbone: bool = False, en
         return LpipsMetric(f"lpips-{net}", False, None, unavailable="disabled (--no-lpips)")
     try:
         module = build_lpips(net, allow_random_backbone=allow_random_backbone)
-    except MissingLpipsBackboneError as err:
-        return LpipsMetric(f"lpips-{net}", False, None, unavailable=str(err))
+    except MissingLpipsBackboneError:
+        return LpipsMetric(f"lpips-{net}", False, None, unavailable=(
+            f"not computed: the {net} ImageNet backbone {path.name} is not in {path.parent} (torchvision's cache; "
+            "no wheel ships it, downloads are off); copy it there or set TORCH_HOME (see `tokenflow doctor`)"))
     real = not module.random_backbone
     return LpipsMetric(module.label, real, str(path) if real else None, module)
