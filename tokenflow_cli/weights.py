@@ -163,7 +163,8 @@ LPIPS_ALEX = register_weight_file(WeightFile(
 ))
 TINY_TEACHER = register_weight_file(WeightFile(
     "teacher-tiny", "tiny CLIP teacher (tokenflow-tiny-vit, trained on shapes)", "teacher-tiny.safetensors",
-    "TOKENFLOW_TEACHER", "tokenflow", "run `tokenflow train-teacher teacher-tiny` (a few CPU minutes)",
+    "TOKENFLOW_TEACHER", "tokenflow",
+    "run `tokenflow train-teacher teacher-tiny` (about a minute on one GPU; on a CPU lower --steps)",
 ))
 
 
