@@ -33,7 +33,8 @@ class DemoContext:
     n_shapes: int = 1200
     n_natural: int = 400
     n_val: int = 32  # held-out images per kind
-    install: bool = True  # make the trained tokenizer the default
+    install: bool = True  # make the trained tokenizer (and generator) the defaults
+    gen_minutes: float = 1.5  # generator training budget (0 skips the generator)
     overrides: list[str] = field(default_factory=list)  # extra `--set` values for the tiny recipe
     data: dict[str, Path] = field(default_factory=dict)  # name -> image folder or list file
     run_dir: Path | None = None
@@ -137,13 +138,66 @@ def install_step(ctx: DemoContext) -> None:
     ctx.summary.append(f"default tokenizer installed: {target}{note}")
 
 
-DEMO_STEPS: list[Callable[[DemoContext], None]] = [prepare_data, train_tokenizer_step, evaluate_step, install_step]
+DEMO_PROMPTS = ("a red circle", "two blue squares", "a yellow triangle left of a green star")
+
+
+def generator_step(ctx: DemoContext) -> None:
+    """Tokenize the shapes world once, train the tiny generator for its budget, sample a grid,
+    and install it as the default that `tokenflow generate` uses without --model."""
+    import torch
+
+    from tokenflow_cli.config import load_recipe
+    from tokenflow_cli.data.images import list_images
+    from tokenflow_cli.gen_config import GeneratorRecipe
+    from tokenflow_cli.generation import (
+        GenerationSettings,
+        default_generator_path,
+        generate_images,
+        resolve_generator,
+        write_outputs,
+    )
+    from tokenflow_cli.inference import resolve_tokenizer, tokenize_paths
+    from tokenflow_cli.sampling import get_schedule
+    from tokenflow_cli.train.generator_step import GeneratorStage
+    from tokenflow_cli.train.loop import train
+
+    if ctx.gen_minutes <= 0:
+        return
+    resolved = resolve_tokenizer(str(ctx.tokenizer_path), torch.device(ctx.device))
+    codes = ctx.out_dir / "codes_shapes.npz"
+    tokenize_paths(resolved, list_images(ctx.data["shapes"]), codes, batch_size=32)
+    run_dir = ctx.out_dir / "generator_run"
+    recipe = load_recipe("generator-tiny", GeneratorRecipe, overrides=[
+        f"data.codes={codes}", f"data.captions={ctx.data['shapes'].parent / 'captions.jsonl'}",
+        f"data.tokenizer={ctx.tokenizer_path}", f"train.seed={ctx.seed}", "train.eval_every=0", "train.checkpoint_every=100000",
+    ])
+    ctx.say(f"generator: training for {ctx.gen_minutes:g} min ...")
+    result = train(GeneratorStage(recipe, run_dir), recipe.train, run_dir, recipe=recipe, device=ctx.device,
+                   resume=False, live=False, time_limit_s=ctx.gen_minutes * 60)
+    loaded = resolve_generator(str(run_dir), torch.device(ctx.device))
+    settings = GenerationSettings(get_schedule("two-pass"), cfg=3.0, seed=ctx.seed, samples_per_prompt=4)
+    samples = ctx.out_dir / "generated"
+    write_outputs(samples, generate_images(loaded, list(DEMO_PROMPTS), settings), settings)
+    ctx.summary.append(f"generator training: {result.step} steps, {result.seconds / 60:.1f} min; "
+                       f"samples for {len(DEMO_PROMPTS)} prompts: {samples / 'grid.png'}")
+    if ctx.install:
+        target = default_generator_path()
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns("checkpoints"))
+        ctx.summary.append(f"default generator installed: {target}")
+
+
+DEMO_STEPS: list[Callable[[DemoContext], None]] = [
+    prepare_data, train_tokenizer_step, evaluate_step, install_step, generator_step,
+]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tokenflow_cli.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", "--output", type=Path, default=Path("demo_out"), help="demo folder")
     parser.add_argument("--minutes", type=float, default=4.0, help="tokenizer training budget")
+    parser.add_argument("--gen-minutes", type=float, default=1.5, help="generator training budget (0 = skip)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-install", action="store_true", help="do not replace the default tokenizer")
@@ -152,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download; fail fast instead
     ctx = DemoContext(args.output, args.minutes, args.device, args.seed, install=not args.no_install,
-                      overrides=args.overrides)
+                      overrides=args.overrides, gen_minutes=args.gen_minutes)
     started = time.perf_counter()
     for step in DEMO_STEPS:
         step(ctx)
