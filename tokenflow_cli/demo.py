@@ -196,7 +196,7 @@ DEMO_STEPS: list[Callable[[DemoContext], None]] = [
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tokenflow_cli.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", "--output", type=Path, default=Path("demo_out"), help="demo folder")
-    parser.add_argument("--minutes", type=float, default=4.0, help="tokenizer training budget")
+    parser.add_argument("--minutes", type=float, default=3.5, help="tokenizer training budget")
     parser.add_argument("--gen-minutes", type=float, default=1.5, help="generator training budget (0 = skip)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
