@@ -55,6 +55,7 @@ def test_tokenize_skips_bad_and_handles_odd_modes(odd_folder, tiny_checkpoint, t
         "cmyk.jpg",
     }
     assert codes.meta["failed"] == 1 and codes.meta["codebook_size"] == 1024
+    assert (tmp_path / "codes.recipe.yaml").is_file()  # the resolved recipe next to the output
     assert codes.indices.shape[1] == 521
 
 

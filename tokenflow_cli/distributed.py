@@ -63,7 +63,9 @@ def tokenize_distributed(
     device_type = next(resolved.tokenizer.parameters()).device.type
     info = init_distributed(device_type)
     if not info.enabled:
-        return tokenize_paths(resolved, paths, output, batch_size, workers, strict, progress)
+        result = tokenize_paths(resolved, paths, output, batch_size, workers, strict, progress)
+        _write_recipe_beside(resolved, output)
+        return result
     shard = shard_name(output, info.rank, info.world_size)
     result = tokenize_paths(
         resolved,
@@ -86,6 +88,14 @@ def tokenize_distributed(
     result.failures = [f for _, fails, _ in gathered for f in fails]
     result.n_failed = len(result.failures)
     result.seconds = max(s for _, _, s in gathered)
+    _write_recipe_beside(resolved, output)
     K = resolved.tokenizer.codebook_size
     result.usage_share = len(np.unique(merged.indices)) / K if len(merged) else 0.0
     return result
+
+
+def _write_recipe_beside(resolved, output: Path) -> None:
+    """codes.npz -> codes.recipe.yaml: the resolved tokenizer recipe next to the output."""
+    from tokenflow_cli.config import save_resolved
+
+    save_resolved(resolved.tokenizer.config, Path(output).with_suffix(".recipe.yaml"))
