@@ -66,19 +66,33 @@ def prepare_data(ctx: DemoContext) -> None:
             f"{ctx.n_val} + {ctx.n_val} held out ({time.perf_counter() - started:.0f}s) in {root}")
 
 
+def _teacher_overrides(ctx: DemoContext) -> list[str]:
+    """Use the tiny CLIP teacher (shipped with the package, or trained by `train-teacher`) for
+    the semantic branch when it is found; otherwise the tiny recipe's random tower, as labelled."""
+    from tokenflow_cli.weights import find_weight_file
+
+    found = find_weight_file("teacher-tiny")
+    if found is None:
+        ctx.say("teacher: no trained tiny teacher found; the semantic branch uses a random tower")
+        return []
+    ctx.say(f"teacher: {found}")
+    return [f"model.teacher.pretrained={found}", f"model.semantic_encoder.pretrained={found}"]
+
+
 def train_tokenizer_step(ctx: DemoContext) -> None:
     """Calibrate the speed on a few steps, then train the tiny recipe for the budget (resuming)."""
     from tokenflow_cli.config import load_recipe
     from tokenflow_cli.train.tokenizer_step import train_tokenizer
 
     ctx.run_dir = ctx.out_dir / "tokenizer_run"
+    teacher = _teacher_overrides(ctx)
 
     def recipe(steps: int):
         return load_recipe("tiny", overrides=[
             f"data.train={ctx.data['train']}", f"data.val={ctx.data['val']}", f"train.steps={steps}",
             f"train.seed={ctx.seed}", "train.log_every=1" if steps == CALIBRATION_STEPS else "train.log_every=10",
             f"train.eval_every={0 if steps == CALIBRATION_STEPS else steps}", "data.val_limit=64",
-            *ctx.overrides,
+            *teacher, *ctx.overrides,
         ])
 
     ctx.say(f"tokenizer: measuring speed over {CALIBRATION_STEPS} steps ...")
@@ -169,7 +183,8 @@ def generator_step(ctx: DemoContext) -> None:
     run_dir = ctx.out_dir / "generator_run"
     recipe = load_recipe("generator-tiny", GeneratorRecipe, overrides=[
         f"data.codes={codes}", f"data.captions={ctx.data['shapes'].parent / 'captions.jsonl'}",
-        f"data.tokenizer={ctx.tokenizer_path}", f"train.seed={ctx.seed}", "train.eval_every=0", "train.checkpoint_every=100000",
+        f"data.tokenizer={ctx.tokenizer_path}", f"train.seed={ctx.seed}",
+        "train.eval_every=0", "train.checkpoint_every=100000",
     ])
     ctx.say(f"generator: training for {ctx.gen_minutes:g} min ...")
     result = train(GeneratorStage(recipe, run_dir), recipe.train, run_dir, recipe=recipe, device=ctx.device,

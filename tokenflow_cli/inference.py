@@ -17,8 +17,8 @@ import torch
 from tokenflow_cli.codes import write_codes
 from tokenflow_cli.config import load_recipe
 from tokenflow_cli.models.tokenizer import TokenFlowTokenizer, build_tokenizer, load_tokenizer
+from tokenflow_cli.weights import ASSETS_DIR  # small trained defaults shipped with the package
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 PACKAGED_TOKENIZER = ASSETS_DIR / "tiny-tokenizer.safetensors"
 
 

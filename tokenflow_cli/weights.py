@@ -168,6 +168,9 @@ TINY_TEACHER = register_weight_file(WeightFile(
 ))
 
 
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"  # small trained defaults shipped with the package
+
+
 def torch_hub_checkpoints() -> Path:
     """torchvision/torch-fidelity's download cache: $TORCH_HOME/hub/checkpoints."""
     import torch
@@ -188,7 +191,8 @@ def default_location(spec: WeightFile) -> Path:
 
 def weight_candidates(key: str, explicit: str | Path | None = None) -> list[Path]:
     """Lookup order: an explicit path (CLI option / recipe), the env variable, the default
-    location, then the other cache (torch hub <-> tokenflow) under the same file name."""
+    location, the other cache (torch hub <-> tokenflow) under the same file name, and last the
+    copy shipped in the package's assets (only the tiny teacher ships)."""
     spec = WEIGHT_FILES[key]
     out = [Path(explicit).expanduser()] if explicit else []
     if os.environ.get(spec.env):
@@ -196,6 +200,7 @@ def weight_candidates(key: str, explicit: str | Path | None = None) -> list[Path
     out.append(default_location(spec))
     other = tokenflow_weights_dir() if spec.folder == "torch-hub" else torch_hub_checkpoints()
     out.append(other / spec.filename)
+    out.append(ASSETS_DIR / spec.filename)
     return out
 
 
