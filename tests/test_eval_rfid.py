@@ -60,9 +60,10 @@ def test_rfid_report_protocol_and_files(photos, tmp_path, no_fid_weights):
     assert row["psnr"] == pytest.approx(float(psnr(a, b).mean()))
 
 
-def test_rfid_without_inception_weights_explains(photos, tmp_path, no_fid_weights):
+def test_rfid_without_inception_weights_explains(photos, tmp_path, no_fid_weights, monkeypatch):
     from tokenflow_cli.cli.app import app
 
+    monkeypatch.setattr("tokenflow_cli.weights.fid_helper_source", lambda: None)  # nothing to build from
     result = CliRunner().invoke(app, ["eval", "rfid", "--data", str(photos), "-o", str(tmp_path / "o")])
     assert result.exit_code == 1
     assert "prepare-fid" in result.output and "--tiny-features" in result.output

