@@ -183,6 +183,9 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 10
     seed: int = 0
+    # Under torchrun: "ddp" replicates the model on every rank; "fsdp" shards weights, gradients
+    # and optimizer state across ranks (train/fsdp.py), for LLMs too large to replicate.
+    distributed: str = "ddp"
     dead_code_restart_steps: int = 0  # 0 disables; else re-seed codes unused this many steps
     kmeans_init: bool = False  # k-means init of both codebooks from the first batch
     loss: LossConfig = field(default_factory=LossConfig)

@@ -26,6 +26,7 @@ from tokenflow_cli.gen_config import GeneratorRecipe
 from tokenflow_cli.gen_data import CaptionedCodes, load_training_codes, make_collate, read_caption_table
 from tokenflow_cli.generation import TEXT_TOKENIZER_DIR, PromptEncoder, load_text_tokenizer, write_run_files
 from tokenflow_cli.models.generator import RefineBlock, TextBatch, build_generator
+from tokenflow_cli.train.fsdp import transformer_blocks
 from tokenflow_cli.train.loop import Stage, TrainData
 
 EVAL_PROMPTS = 8  # captions drawn into RUN_DIR/samples/step-N.png at every eval
@@ -69,7 +70,9 @@ class GeneratorStage(Stage):
             raise ValueError(
                 f"model.scales/codebook_size/code_dim {(tuple(cfg.scales), cfg.codebook_size, cfg.code_dim)} do "
                 f"not match the image tokenizer {resolved.source}: {(tok.scales, tok.codebook_size, tok.code_dim)}")
-        self.model = build_generator(cfg)
+        with torch.random.fork_rng(devices=[]):  # the same fresh model in every run and on every rank
+            torch.manual_seed(recipe.train.seed)
+            self.model = build_generator(cfg)
         self.model_config = cfg
         self.prompts = PromptEncoder(self.text_tokenizer, cfg.max_text_tokens)
         self._window = self._empty_window()
@@ -94,6 +97,9 @@ class GeneratorStage(Stage):
 
     def num_samples(self, batch: dict[str, Any]) -> int:
         return batch["codes"].shape[0]
+
+    def fsdp_units(self) -> list[torch.nn.Module]:
+        return transformer_blocks(self.model.lm)  # the image tokenizer stays whole (frozen, not in modules())
 
     # ---- the step -------------------------------------------------------------------------
 

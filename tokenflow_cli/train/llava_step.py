@@ -29,6 +29,7 @@ from tokenflow_cli.llava_config import LlavaRecipe, stage_train_config, validate
 from tokenflow_cli.models.llava import LLAVA_JSON, LlavaModel
 from tokenflow_cli.models.llava_build import FINAL_DIR, SKELETON_DIR, WEIGHTS_NAME, build_llava
 from tokenflow_cli.models.llava_features import build_feature_source
+from tokenflow_cli.train.fsdp import is_sharded, transformer_blocks
 from tokenflow_cli.train.loop import Stage, TrainData, TrainResult, train
 
 
@@ -131,6 +132,9 @@ class LlavaStage(Stage):
     def num_samples(self, batch: dict[str, Any]) -> int:
         return batch["input_ids"].shape[0]
 
+    def fsdp_units(self) -> list[torch.nn.Module]:
+        return transformer_blocks(self.model.lm)  # the feature source stays whole (frozen, not in modules())
+
     def metrics(self, step: int) -> dict[str, float]:
         return {"cached_images": float(len(self.cache))} if self.recipe.data.cache_features else {}
 
@@ -185,6 +189,7 @@ def finetune_llava(
     live: bool | None = True,
 ) -> tuple[TrainResult, Path | None]:
     """Run one LLaVA stage; returns the loop's result and RUN_DIR/final when the run finished."""
+    from tokenflow_cli.checkpoint import load_state
     from tokenflow_cli.distributed import barrier
 
     run_dir = Path(run_dir)
@@ -193,6 +198,8 @@ def finetune_llava(
     result = train(llava_stage, cfg, run_dir, recipe=recipe, device=device, resume=resume, live=live)
     final = None
     if llava_stage.dist.is_main and result.step >= cfg.steps:
-        final = llava_stage.model.save_pretrained(run_dir / FINAL_DIR, extra={"step": result.step})
+        # FSDP leaves the model sharded: export the full weights its last checkpoint gathered
+        weights = load_state(result.checkpoint / WEIGHTS_NAME)[0] if is_sharded(llava_stage.model) else None
+        final = llava_stage.model.save_pretrained(run_dir / FINAL_DIR, extra={"step": result.step}, state_dict=weights)
     barrier()
     return result, final

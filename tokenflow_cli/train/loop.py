@@ -26,6 +26,7 @@ from tokenflow_cli import checkpoint as ckpt
 from tokenflow_cli.config import TrainConfig, save_resolved, to_dict
 from tokenflow_cli.device import autocast, resolve_device, seed_everything
 from tokenflow_cli.distributed import barrier, init_distributed
+from tokenflow_cli.train import fsdp
 from tokenflow_cli.train import state as run_state
 from tokenflow_cli.train.optim import ModelEma, lr_multiplier
 from tokenflow_cli.train.progress import LOG_FILES, TrainProgress
@@ -67,6 +68,8 @@ class _Loop:
         if self.info.enabled and dev.type == "cuda":
             dev = torch.device("cuda", self.info.local_rank)
         self.stage, self.cfg, self.run_dir, self.device = stage, cfg, run_dir, dev
+        fsdp.check_config(cfg)
+        self.fsdp = self.info.enabled and cfg.distributed == "fsdp"  # else DDP under torchrun
         self.stop_requested = False  # agreed by all ranks at every step
         self._signalled = False  # this process got SIGINT/SIGTERM
         self.deadline: float | None = None  # perf_counter time after which the run stops early
@@ -82,7 +85,8 @@ class _Loop:
         self.start_step = 0
         stage.device, stage.dist, stage.run_dir, stage.cfg = dev, self.info, run_dir, cfg
         for module in stage.modules().values():
-            module.to(dev)
+            if not (self.fsdp and _trainable(module)):  # FSDP moves its shards, never a whole copy
+                module.to(dev)
         stage.setup()
         train_state = self._load(latest) if latest else None
         stage.wrapped = {name: self._wrap(m) for name, m in stage.modules().items()}
@@ -104,7 +108,7 @@ class _Loop:
                 save_resolved(recipe, run_dir / "recipe.yaml")
             self.progress = progress or TrainProgress(
                 run_dir, cfg.steps, self.start_step if train_state else None, live=live)
-            for note in stage.notes():
+            for note in [*stage.notes(), *fsdp.notes(cfg, self.info.world_size, stage.modules().values())]:
                 self.progress.message(note)
             if latest:
                 self.progress.message(f"resumed from {latest} (step {self.start_step})")
@@ -112,7 +116,11 @@ class _Loop:
     # ---- setup ---------------------------------------------------------------------------
 
     def _wrap(self, module: nn.Module) -> nn.Module:
-        if not self.info.enabled or not any(p.requires_grad for p in module.parameters()):
+        """Under torchrun: DDP, or with train.distributed=fsdp sharded in place (train/fsdp.py)."""
+        if not self.info.enabled or not _trainable(module):
+            return module
+        if self.fsdp:
+            fsdp.shard(module, self.stage.fsdp_units(), self.device, self.info.world_size, self.cfg.precision)
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids,
@@ -129,7 +137,9 @@ class _Loop:
         return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
 
     def _load(self, folder: Path) -> dict[str, Any]:
-        weights, _ = ckpt.load_state(folder / ckpt.WEIGHTS_NAME, device=self.device)
+        # before sharding: every rank loads the full weights (on CPU when FSDP shards them later)
+        device = "cpu" if self.fsdp else self.device
+        weights, _ = ckpt.load_state(folder / ckpt.WEIGHTS_NAME, device=device)
         self.stage.model.load_state_dict(weights, strict=True)
         state = ckpt.load_train_state(folder / ckpt.STATE_NAME)
         self.stage.load_state_dict(state.get("stage", {}))
@@ -138,11 +148,15 @@ class _Loop:
 
     def _restore(self, state: dict[str, Any], folder: Path) -> None:
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
+            if self.fsdp:
+                fsdp.load_optimizer_state(self.stage.modules(), opt, state["optimizers"][name])
+            else:
+                opt.load_state_dict(state["optimizers"][name])
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and (folder / run_state.EMA_NAME).is_file():
-            self.ema.load_state_dict(ckpt.load_state(folder / run_state.EMA_NAME, device=self.device)[0])
+            device = "cpu" if self.fsdp else self.device  # FSDP: each rank slices its shard
+            self.ema.load_state_dict(ckpt.load_state(folder / run_state.EMA_NAME, device=device)[0])
 
     def _loader(self) -> DataLoader:
         data = self.stage.train_data()
@@ -238,6 +252,7 @@ class _Loop:
 
     def _no_sync(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
+        stack.enter_context(fsdp.gradient_sync_off(self.stage.wrapped.values()))
         for module in self.stage.wrapped.values():
             if isinstance(module, DistributedDataParallel):
                 stack.enter_context(module.no_sync())
@@ -277,17 +292,23 @@ class _Loop:
 
     def _evaluate(self, step: int) -> dict[str, Any]:
         result: dict[str, Any] = {}
-        if self.info.is_main:
-            with run_state.preserved_rng():
-                for module in self.stage.modules().values():
-                    module.eval()
-                try:
-                    result = {"step": step, **self.stage.evaluate(step)}
-                finally:
+        # FSDP: all ranks gather the weights, so that rank 0 alone can run the model
+        gathered = contextlib.ExitStack()
+        if self.fsdp:
+            gathered.enter_context(fsdp.gathered(self.stage.modules().values()))
+            gathered.enter_context(torch.no_grad())
+        with gathered:
+            if self.info.is_main:
+                with run_state.preserved_rng():
                     for module in self.stage.modules().values():
-                        module.train()
-            if self.progress and len(result) > 1:
-                self.progress.eval_row(result)
+                        module.eval()
+                    try:
+                        result = {"step": step, **self.stage.evaluate(step)}
+                    finally:
+                        for module in self.stage.modules().values():
+                            module.train()
+                if self.progress and len(result) > 1:
+                    self.progress.eval_row(result)
         barrier()
         return result if len(result) > 1 else {}
 
@@ -296,11 +317,12 @@ class _Loop:
         if self.info.enabled:
             rngs = [None] * self.info.world_size
             dist.all_gather_object(rngs, run_state.capture_rng())
+        weights, optimizers, ema = self._full_states()
         folder = None
         if self.info.is_main:
             state = {
                 "step": step,
-                "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+                "optimizers": optimizers,
                 "scaler": self.scaler.state_dict(),
                 "rng": rngs,
                 "samples_per_rank": step * self.cfg.batch_size * self.cfg.grad_accum,
@@ -309,16 +331,23 @@ class _Loop:
             }
 
             def write(tmp: Path) -> None:
-                ckpt.save_model(self.stage.model, tmp / ckpt.WEIGHTS_NAME, self.stage.model_config,
-                                kind=self.stage.kind)
-                if self.ema is not None:
-                    config = to_dict(self.stage.model_config) if self.stage.model_config is not None else None
-                    ckpt.save_weights(self.ema.state_dict(), tmp / run_state.EMA_NAME, config, kind=self.stage.kind)
+                config = to_dict(self.stage.model_config) if self.stage.model_config is not None else None
+                ckpt.save_weights(weights, tmp / ckpt.WEIGHTS_NAME, config, kind=self.stage.kind)
+                if ema is not None:
+                    ckpt.save_weights(ema, tmp / run_state.EMA_NAME, config, kind=self.stage.kind)
                 ckpt.save_train_state(state, tmp / ckpt.STATE_NAME)
 
             folder = run_state.write_checkpoint(self.run_dir, step, write)
         barrier()
         return folder or run_state.latest_checkpoint(self.run_dir)
+
+    def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None]:
+        """Model weights, optimizer states and EMA weights as one process holds them; under
+        FSDP gathered from the shards (a collective: every rank calls it; rank 0 gets them)."""
+        ema = self.ema.state_dict() if self.ema is not None else None
+        if self.fsdp:
+            return fsdp.full_states(self.stage.model, self.stage.modules(), self.optimizers, ema)
+        return self.stage.model.state_dict(), {n: o.state_dict() for n, o in self.optimizers.items()}, ema
 
     # ---- signals and teardown --------------------------------------------------------------
 
@@ -342,6 +371,10 @@ class _Loop:
             signal.signal(sig, handler)
         if getattr(self, "progress", None) is not None:
             self.progress.close()
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
 
 
 def _in_main_thread() -> bool:

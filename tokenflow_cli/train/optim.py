@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from tokenflow_cli.config import TrainConfig
+from tokenflow_cli.train.fsdp import copy_full_into
 
 SCHEDULES = ("constant", "cosine")
 
@@ -46,5 +47,5 @@ class ModelEma:
         return self.shadow
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for key, value in state.items():
-            self.shadow[key].copy_(value)
+        for key, value in state.items():  # a full tensor, also where the model is sharded (FSDP)
+            copy_full_into(self.shadow[key], value)

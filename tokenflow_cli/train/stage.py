@@ -73,7 +73,7 @@ class Stage:
 
     Before the first step the loop sets `device`, `dist` (rank info), `run_dir`, `cfg` and
     `wrapped` (name -> the module to call in `step`: DDP-wrapped under torchrun, else the
-    module itself), then calls `setup()`.
+    module itself, sharded in place with `train.distributed: fsdp`), then calls `setup()`.
     """
 
     kind: str = "model"  # checkpoint format tokenflow-cli/<kind>
@@ -90,6 +90,12 @@ class Stage:
     def modules(self) -> dict[str, nn.Module]:
         """Every module with trainable parameters, by name ("model" plus e.g. "discriminator")."""
         return {"model": self.model}
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Submodules of `modules()` that FSDP shards as units of their own (gathered one at a
+        time; usually the LLM's decoder layers, `fsdp.transformer_blocks(lm)`). Each module of
+        `modules()` with trainable parameters is the root unit around them."""
+        return []
 
     def optimizers(self, cfg: TrainConfig) -> list[OptimizerSpec]:
         params = [p for p in self.model.parameters() if p.requires_grad]
