@@ -3,8 +3,9 @@
 A `Stage` (train/stage.py, which shows how to write one) says WHAT is trained: its model(s),
 data, optimizer parameter groups, and a `step` that returns losses. `train()` owns HOW: AdamW
 optimizers, warmup + cosine schedule, gradient accumulation, clipping, autocast, optional EMA,
-periodic eval, atomic checkpoints and automatic resume, a clean stop on a non-finite loss, DDP
-under torchrun and rank-0 logging.
+periodic eval, atomic checkpoints and automatic resume, a clean stop on a non-finite loss or on
+Ctrl-C / SIGTERM (sent to the whole process group too: data workers ignore it), DDP under
+torchrun and rank-0 logging.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ from tokenflow_cli.train import state as run_state
 from tokenflow_cli.train.optim import ModelEma, lr_multiplier
 from tokenflow_cli.train.progress import LOG_FILES, TrainProgress
 from tokenflow_cli.train.stage import NonFiniteLossError, OptimizerSpec, Stage, TrainData, TrainResult
-from tokenflow_cli.train.stream import ResumableSampler, SeededItems
+from tokenflow_cli.train.stream import (
+    IgnoreStopSignals,
+    ResumableSampler,
+    SeededItems,
+    is_worker_death,
+    stop_watching_workers,
+)
 
 __all__ = ["NonFiniteLossError", "OptimizerSpec", "Stage", "TrainData", "TrainResult", "train"]
 
@@ -73,6 +80,7 @@ class _Loop:
         self.stop_requested = False  # agreed by all ranks at every step
         self._signalled = False  # this process got SIGINT/SIGTERM
         self.deadline: float | None = None  # perf_counter time after which the run stops early
+        self._updating = False  # between the first optimizer step and the EMA update of a step
         self._old_handlers: dict[int, Any] = {}
 
         if self.info.is_main:
@@ -166,7 +174,7 @@ class _Loop:
         return DataLoader(
             SeededItems(data.dataset, self.cfg.seed), batch_size=self.cfg.batch_size, sampler=sampler,
             collate_fn=data.collate_fn, num_workers=data.num_workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=data.num_workers > 0,
+            persistent_workers=data.num_workers > 0, worker_init_fn=IgnoreStopSignals(data.worker_init_fn),
             # own generator: creating the iterator must not draw from the global torch RNG
             generator=torch.Generator().manual_seed(self.cfg.seed),
         )
@@ -184,30 +192,51 @@ class _Loop:
         last_eval: dict[str, Any] = {}
         window_start, window_images = started, 0
         latest = run_state.latest_checkpoint(self.run_dir)
-        while step < cfg.steps and not self.stop_requested:
-            if self.deadline is not None and time.perf_counter() > self.deadline:
-                self._signalled = True  # agreed across ranks at the end of this step
-            losses, n = self._one_step(batches, step)
-            step += 1
-            images += n
-            window_images += n
-            stage.after_step(step)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                now = time.perf_counter()
-                rate = window_images * self.info.world_size / max(now - window_start, 1e-9)
-                row = self._row(step, losses, rate)
-                window_start, window_images = now, 0
-                if self.progress:
-                    self.progress.train_row(row)
-                    history.append(row)
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                last_eval = self._evaluate(step) or last_eval
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or self.stop_requested:
+        saved_step = self.start_step  # nothing new to save before the first step of this run
+        try:  # stopping on a worker death (see _stop_on_worker_death) covers the whole loop
+            while step < cfg.steps and not self.stop_requested:
+                if self.deadline is not None and time.perf_counter() > self.deadline:
+                    self._signalled = True  # agreed across ranks at the end of this step
+                losses, n = self._one_step(batches, step)
+                step += 1
+                images += n
+                window_images += n
+                stage.after_step(step)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    now = time.perf_counter()
+                    rate = window_images * self.info.world_size / max(now - window_start, 1e-9)
+                    row = self._row(step, losses, rate)
+                    window_start, window_images = now, 0
+                    if self.progress:
+                        self.progress.train_row(row)
+                        history.append(row)
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    last_eval = self._evaluate(step) or last_eval
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps or self.stop_requested:
+                    latest, saved_step = self._save(step), step
+        except RuntimeError as err:
+            if not self._stop_on_worker_death(err, batches, step):
+                raise
+            if step != saved_step and not self._updating:
                 latest = self._save(step)
         seconds = time.perf_counter() - started
         return TrainResult(self.run_dir, step, latest, history, last_eval,
                            images * self.info.world_size / max(seconds, 1e-9), seconds,
                            stopped_early=step < cfg.steps, rank=self.info.rank)
+
+    def _stop_on_worker_death(self, err: RuntimeError, batches: Any, step: int) -> bool:
+        """A DataLoader worker died after a stop request (a group-wide signal that reached it
+        before it could ignore it, a SIGKILL): stop as asked instead of crashing. The weights are
+        checkpointed unless the error cut an optimizer update short; then the last checkpoint
+        stands. Single process only: under DDP the other ranks would wait in a collective."""
+        if not (self._signalled and is_worker_death(err)) or self.info.enabled:
+            return False
+        stop_watching_workers(batches)
+        if self.progress:
+            kept = ("the last checkpoint stands (the error interrupted an optimizer update)"
+                    if self._updating else f"checkpointing step {step}")
+            self.progress.message(f"stopping: a data worker died after the stop request ({err}); {kept}")
+        return True
 
     def _one_step(self, batches: Any, step: int) -> tuple[dict[str, float], int]:
         cfg, stage = self.cfg, self.stage
@@ -235,6 +264,7 @@ class _Loop:
             n += stage.num_samples(batch)
         values = {k: float(v) for k, v in sums.items()}
         self._check_finite(step, values)
+        self._updating = True
         for spec in self.specs:
             opt = self.optimizers[spec.name]
             if spec.loss_key in active:
@@ -248,6 +278,7 @@ class _Loop:
         self.scaler.update()
         if self.ema is not None:
             self.ema.update(stage.model)
+        self._updating = False
         return values, n
 
     def _no_sync(self) -> contextlib.ExitStack:

@@ -65,6 +65,9 @@ class TrainData:
     dataset: Dataset  # map-style; items are fetched under a per-(epoch, index) seed
     collate_fn: Callable[[list[Any]], Any] | None = None
     num_workers: int = 0
+    # runs in each DataLoader worker after the loop's own init (which makes workers ignore
+    # SIGINT/SIGTERM); must be picklable where workers are spawned
+    worker_init_fn: Callable[[int], None] | None = None
 
 
 class Stage:

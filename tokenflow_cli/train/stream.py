@@ -8,7 +8,8 @@ where the run was stopped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -59,3 +60,40 @@ class SeededItems(Dataset):
             # a fixed odd-multiplier mix: distinct, well spread seeds per (seed, epoch, index)
             torch.manual_seed(((self.seed * 1_000_003 + epoch) * 2_654_435_761 + index) % 2**63)
             return self.dataset[index]
+
+
+class IgnoreStopSignals:
+    """A DataLoader `worker_init_fn`: the worker ignores SIGINT and SIGTERM, then runs `then`.
+
+    Ctrl-C, `timeout` and cluster schedulers signal the whole process group, workers included.
+    Left alone a worker dies of it (torch's worker SIGTERM handler re-raises it; SIGINT ends the
+    worker loop) and the main process, busy finishing its step and checkpointing, crashes on the
+    dead worker. The main process owns the stop and shuts its workers down itself (a worker also
+    exits on its own once its parent is gone). A class, not a closure, so it pickles for spawn.
+    """
+
+    def __init__(self, then: Callable[[int], None] | None = None) -> None:
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.then is not None:
+            self.then(worker_id)
+
+
+def is_worker_death(err: BaseException) -> bool:
+    """torch's errors for a DataLoader worker that died (killed by a signal, or exited)."""
+    return isinstance(err, RuntimeError) and str(err).startswith("DataLoader worker (pid")
+
+
+def stop_watching_workers(batches: Any) -> None:
+    """torch's SIGCHLD handler raises for every dead worker of an iterator it watches, anywhere
+    in the main thread: after the first death is handled, a second must not interrupt the
+    checkpoint. torch has no public call for this; the iterator's own shutdown (when the loader
+    is dropped) then skips the watch list and stops the surviving workers."""
+    from torch.utils.data._utils import signal_handling
+
+    if getattr(batches, "_worker_pids_set", False):
+        signal_handling._remove_worker_pids(id(batches))
+        batches._worker_pids_set = False
