@@ -17,21 +17,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenflow_cli import weights
 from tokenflow_cli.config import LossConfig
 
-# torchvision's cache names for the ImageNet backbones LPIPS is calibrated on.
-LPIPS_BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
+# train.loss.lpips_net -> the weights.py registry entry of the ImageNet backbone LPIPS is
+# calibrated on (its file name, environment variable and lookup order live there)
+LPIPS_BACKBONES = {"vgg": "lpips-vgg", "alex": "lpips-alex"}
 
 
 class MissingLpipsBackboneError(FileNotFoundError):
-    """The LPIPS backbone weights are not in the local torchvision cache."""
+    """The LPIPS backbone weights are nowhere `weights.find_weight_file` looks."""
 
 
 def lpips_backbone_path(net: str) -> Path:
-    """Where torchvision keeps the backbone: $TORCH_HOME/hub/checkpoints/<file>."""
-    if net not in LPIPS_BACKBONE_FILES:
-        raise ValueError(f"train.loss.lpips_net must be one of {sorted(LPIPS_BACKBONE_FILES)}, got {net!r}")
-    return Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILES[net]
+    """The backbone file LPIPS loads: the first that exists in `weights.weight_candidates` order
+    ($TOKENFLOW_LPIPS_VGG / _ALEX, $TORCH_HOME/hub/checkpoints, $TOKENFLOW_HOME/weights, ...),
+    else its default location (torchvision's cache), where a copy should go."""
+    if net not in LPIPS_BACKBONES:
+        raise ValueError(f"train.loss.lpips_net must be one of {sorted(LPIPS_BACKBONES)}, got {net!r}")
+    key = LPIPS_BACKBONES[net]
+    return weights.find_weight_file(key) or weights.default_location(weights.WEIGHT_FILES[key])
 
 
 @dataclass
@@ -49,7 +54,8 @@ class Perceptual:
 
 
 def build_lpips(net: str = "vgg", allow_random_backbone: bool = False) -> Perceptual:
-    """LPIPS with its ImageNet backbone read from the torchvision cache, never downloaded.
+    """LPIPS with its ImageNet backbone read from a local file (`lpips_backbone_path`), never
+    downloaded.
 
     The lpips package ships only its calibrated linear heads; the backbone is torchvision's.
     We build lpips with a random trunk (no network access) and copy the cached weights in.
@@ -67,11 +73,13 @@ def build_lpips(net: str = "vgg", allow_random_backbone: bool = False) -> Percep
     elif allow_random_backbone:
         label, random_backbone = f"lpips-{net} (RANDOM backbone: not the LPIPS metric)", True
     else:
+        spec = weights.WEIGHT_FILES[LPIPS_BACKBONES[net]]
+        looked = ", ".join(str(p) for p in weights.weight_candidates(spec.key))
         raise MissingLpipsBackboneError(
-            f"LPIPS needs the {net} ImageNet backbone at {path} (torchvision's cache; downloads are off). "
-            f"Copy {path.name} there (or set TORCH_HOME to a folder holding hub/checkpoints/{path.name}), "
-            "or set train.loss.lpips_weight=0; train.loss.lpips_random_backbone=true allows a random "
-            "backbone for tests only"
+            f"LPIPS needs the {spec.title}, {spec.filename}; downloads are off and no copy was found "
+            f"(looked at {looked}). {spec.how[0].upper()}{spec.how[1:]}: put it at {path} or point "
+            f"{spec.env} at it; or set train.loss.lpips_weight=0. train.loss.lpips_random_backbone=true "
+            "allows a random backbone, for tests only"
         )
     module.requires_grad_(False)
     return Perceptual(module.eval(), label, random_backbone)
