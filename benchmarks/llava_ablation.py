@@ -69,6 +69,8 @@ def main() -> None:
     p.add_argument("--tokenizer-limit", type=float, default=None)
     p.add_argument("--stage1-limit", type=float, default=None)
     p.add_argument("--stage2-limit", type=float, default=None)
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="use this trained tokenizer (run folder) instead of training a teacher and a tokenizer")
     p.add_argument("--parallel", action="store_true", help="run the feature choices side by side")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the figures")
     a = p.parse_args()
@@ -86,24 +88,27 @@ def main() -> None:
         run(["data", "shapes", "-n", str(n), "--seed", str(seed), "--llava", "-o", str(out / name)], env, log)
         for name, n, seed in (("train", a.train_images, 0), ("val", 64, 1), ("test", a.test_images, 2))
     )
-    teacher = ["train-teacher", "teacher-tiny", "-o", str(out / "teacher"), "--steps", str(a.teacher_steps)]
-    teacher += ["--set", f"data.captions={out / 'train' / 'captions.jsonl'}", *dev]
-    try:
-        seconds["teacher"] = run(teacher, env, log, a.teacher_limit)
-        source = "teacher-tiny"
-    except RuntimeError as err:  # go on with a random-init teacher: said in every later output
-        print(err, file=sys.stderr)
-        source = ""
-    tokenizer = ["train-tokenizer", "tiny", "-o", str(out / "tokenizer"), "--steps", str(a.tokenizer_steps)]
-    tokenizer += ["--set", f"data.train={out / 'train' / 'images'}", "--set", f"model.teacher.pretrained={source}"]
-    tokenizer += ["--set", f"model.semantic_encoder.pretrained={source}", *dev]
-    seconds["tokenizer"] = run(tokenizer, env, log, a.tokenizer_limit)
+    tokenizer_dir = a.tokenizer.resolve() if a.tokenizer else out / "tokenizer"
+    source = "given"
+    if a.tokenizer is None:
+        teacher = ["train-teacher", "teacher-tiny", "-o", str(out / "teacher"), "--steps", str(a.teacher_steps)]
+        teacher += ["--set", f"data.captions={out / 'train' / 'captions.jsonl'}", *dev]
+        try:
+            seconds["teacher"] = run(teacher, env, log, a.teacher_limit)
+            source = "teacher-tiny"
+        except RuntimeError as err:  # go on with a random-init teacher: said in every later output
+            print(err, file=sys.stderr)
+            source = ""
+        tokenizer = ["train-tokenizer", "tiny", "-o", str(out / "tokenizer"), "--steps", str(a.tokenizer_steps)]
+        tokenizer += ["--set", f"data.train={out / 'train' / 'images'}", "--set", f"model.teacher.pretrained={source}"]
+        tokenizer += ["--set", f"model.semantic_encoder.pretrained={source}", *dev]
+        seconds["tokenizer"] = run(tokenizer, env, log, a.tokenizer_limit)
     summary = {
         "settings": {k: v for k, v in vars(a).items() if k != "output"},
         "seconds": seconds,
         "steps": {
-            "clip_teacher": last_step(out / "teacher") if source else 0,
-            "tokenizer": last_step(out / "tokenizer"),
+            "clip_teacher": last_step(out / "teacher") if source and a.tokenizer is None else 0,
+            "tokenizer": last_step(tokenizer_dir),
         },
         "reports": {},
     }
@@ -113,7 +118,7 @@ def main() -> None:
             "--set",
             f"model.features={feature}",
             "--set",
-            f"model.tokenizer={out / 'tokenizer'}",
+            f"model.tokenizer={tokenizer_dir}",
             "--set",
             f"data.train={out / 'train' / 'llava.json'}",
             "--set",
