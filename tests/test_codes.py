@@ -61,3 +61,12 @@ def test_no_partial_file_on_failure(tmp_path):
     with pytest.raises(ValueError):
         write_codes(tmp_path / "c.npz", _indices(2), SCALES, ["only-one"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_outputs_get_normal_permissions(tmp_path):
+    import os
+
+    write_codes(tmp_path / "c.npz", _indices(1), SCALES, ["a"], {})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "c.npz").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600

@@ -29,9 +29,17 @@ def _atomic_target(path: Path):
     return path, Path(tmp)
 
 
+def _default_mode() -> int:
+    """What open() would give a new file (0666 less the umask); mkstemp makes files 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _commit(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
+    os.chmod(tmp, _default_mode())
     os.replace(tmp, path)
 
 
