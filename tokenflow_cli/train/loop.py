@@ -19,15 +19,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from tokenflow_cli import checkpoint as ckpt
 from tokenflow_cli.config import TrainConfig, save_resolved, to_dict
 from tokenflow_cli.device import autocast, resolve_device, seed_everything
 from tokenflow_cli.distributed import barrier, init_distributed
-from tokenflow_cli.train import fsdp
+from tokenflow_cli.train import fsdp, parallel
 from tokenflow_cli.train import state as run_state
 from tokenflow_cli.train.optim import ModelEma, lr_multiplier
 from tokenflow_cli.train.progress import LOG_FILES, TrainProgress
@@ -93,11 +91,12 @@ class _Loop:
         self.start_step = 0
         stage.device, stage.dist, stage.run_dir, stage.cfg = dev, self.info, run_dir, cfg
         for module in stage.modules().values():
-            if not (self.fsdp and _trainable(module)):  # FSDP moves its shards, never a whole copy
+            if not (self.fsdp and parallel.trainable(module)):  # FSDP moves its shards, never a whole copy
                 module.to(dev)
         stage.setup()
         train_state = self._load(latest) if latest else None
-        stage.wrapped = {name: self._wrap(m) for name, m in stage.modules().items()}
+        stage.wrapped = {name: parallel.wrap(m, stage, self.info, dev, self.fsdp, cfg.precision)
+                         for name, m in stage.modules().items()}
         self.specs = stage.optimizers(cfg)
         self.optimizers = {s.name: self._optimizer(s) for s in self.specs}
         self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16" and dev.type == "cuda")
@@ -122,17 +121,6 @@ class _Loop:
                 self.progress.message(f"resumed from {latest} (step {self.start_step})")
 
     # ---- setup ---------------------------------------------------------------------------
-
-    def _wrap(self, module: nn.Module) -> nn.Module:
-        """Under torchrun: DDP, or with train.distributed=fsdp sharded in place (train/fsdp.py)."""
-        if not self.info.enabled or not _trainable(module):
-            return module
-        if self.fsdp:
-            fsdp.shard(module, self.stage.fsdp_units(), self.device, self.info.world_size, self.cfg.precision)
-            return module
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids,
-                                       find_unused_parameters=self.stage.find_unused_parameters)
 
     def _optimizer(self, spec: OptimizerSpec) -> torch.optim.Optimizer:
         groups = [g if isinstance(g, dict) else {"params": [g]} for g in spec.params]
@@ -249,7 +237,7 @@ class _Loop:
         n = 0
         for micro in range(cfg.grad_accum):
             batch = next(batches)
-            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else self._no_sync()
+            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else parallel.no_sync(stage.wrapped.values())
             with sync:
                 with autocast(cfg.precision, self.device):
                     losses = stage.step(batch, step)
@@ -280,14 +268,6 @@ class _Loop:
             self.ema.update(stage.model)
         self._updating = False
         return values, n
-
-    def _no_sync(self) -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        stack.enter_context(fsdp.gradient_sync_off(self.stage.wrapped.values()))
-        for module in self.stage.wrapped.values():
-            if isinstance(module, DistributedDataParallel):
-                stack.enter_context(module.no_sync())
-        return stack
 
     def _check_finite(self, step: int, values: dict[str, float]) -> None:
         flags = torch.tensor([float(not all(math.isfinite(v) for v in values.values())),
@@ -348,7 +328,7 @@ class _Loop:
         if self.info.enabled:
             rngs = [None] * self.info.world_size
             dist.all_gather_object(rngs, run_state.capture_rng())
-        weights, optimizers, ema = self._full_states()
+        weights, optimizers, ema = parallel.full_states(self.stage, self.optimizers, self.ema, self.fsdp)
         folder = None
         if self.info.is_main:
             state = {
@@ -372,14 +352,6 @@ class _Loop:
         barrier()
         return folder or run_state.latest_checkpoint(self.run_dir)
 
-    def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None]:
-        """Model weights, optimizer states and EMA weights as one process holds them; under
-        FSDP gathered from the shards (a collective: every rank calls it; rank 0 gets them)."""
-        ema = self.ema.state_dict() if self.ema is not None else None
-        if self.fsdp:
-            return fsdp.full_states(self.stage.model, self.stage.modules(), self.optimizers, ema)
-        return self.stage.model.state_dict(), {n: o.state_dict() for n, o in self.optimizers.items()}, ema
-
     # ---- signals and teardown --------------------------------------------------------------
 
     def _install_signal_handlers(self) -> None:
@@ -402,10 +374,6 @@ class _Loop:
             signal.signal(sig, handler)
         if getattr(self, "progress", None) is not None:
             self.progress.close()
-
-
-def _trainable(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
 
 
 def _in_main_thread() -> bool:
