@@ -264,6 +264,13 @@ def _nearest(key: str, options: list[str]) -> str:
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
+def _as_float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML/CLI value to the annotated type, or raise a ConfigError naming `where`."""
     origin = typing.get_origin(tp)
@@ -299,18 +306,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value.lower() in ("true", "yes", "1", "on")
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool):
+        number = _as_float(value)  # ints, integral floats ("12.0", 1e3) and their strings
+        if isinstance(value, bool) or number is None or not number.is_integer():
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(float(value)) if float(value).is_integer() else int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value if isinstance(value, int) else int(number)
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
@@ -394,10 +393,6 @@ def save_resolved(obj: Any, path: Path) -> None:
     from tokenflow_cli.checkpoint import atomic_write_text
 
     atomic_write_text(Path(path), to_yaml(obj))
-
-
-def model_config_from_dict(tree: dict, source: str = "<checkpoint>") -> ModelConfig:
-    return from_dict(ModelConfig, tree, source)
 
 
 def num_tokens(scales: tuple[int, ...]) -> int:

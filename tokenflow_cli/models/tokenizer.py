@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenflow_cli.config import ModelConfig, num_tokens
+from tokenflow_cli.config import ModelConfig, from_dict, num_tokens
 from tokenflow_cli.models.pixel import PixelDecoder, PixelEncoder, downsample_factor
 from tokenflow_cli.models.quantizer import MultiScaleDualQuantizer
 from tokenflow_cli.models.semantic import SemanticDecoder, SemanticEncoder, task_layer
@@ -213,13 +213,12 @@ def load_tokenizer(path_or_dir: str, device: str | torch.device = "cpu") -> Toke
     import dataclasses
 
     from tokenflow_cli.checkpoint import load_state, resolve_weights_path
-    from tokenflow_cli.config import model_config_from_dict
 
     path = resolve_weights_path(path_or_dir)
     state, meta = load_state(path, device="cpu")
     if "config" not in meta or not str(meta.get("format", "")).endswith("/tokenizer"):
         raise ValueError(f"{path} is not a tokenflow-cli tokenizer checkpoint (format={meta.get('format')!r})")
-    cfg = model_config_from_dict(meta["config"], source=str(path))
+    cfg = from_dict(ModelConfig, meta["config"], source=str(path))
     build_cfg = dataclasses.replace(cfg, semantic_encoder=dataclasses.replace(cfg.semantic_encoder, pretrained=""))
     tok = TokenFlowTokenizer(build_cfg)
     tok.load_state_dict(state, strict=True)
