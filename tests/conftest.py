@@ -7,6 +7,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENFLOW_HOME", os.path.join(os.path.dirname(__file__), ".tokenflow_home_unused"))
+# tests never pick up the trained defaults shipped in tokenflow_cli/assets (test_defaults.py reads them)
+os.environ["TOKENFLOW_ASSETS"] = os.path.join(os.path.dirname(__file__), ".no_assets")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

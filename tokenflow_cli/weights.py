@@ -168,7 +168,8 @@ TINY_TEACHER = register_weight_file(WeightFile(
 ))
 
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"  # small trained defaults shipped with the package
+# small trained defaults shipped with the package; TOKENFLOW_ASSETS points elsewhere (tests hide them)
+ASSETS_DIR = Path(os.environ.get("TOKENFLOW_ASSETS") or Path(__file__).resolve().parent / "assets")
 
 
 def torch_hub_checkpoints() -> Path:
