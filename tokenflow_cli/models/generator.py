@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenflow_cli.gen_config import GeneratorModelConfig
-from tokenflow_cli.models.generator_lm import LM_ARCHS, build_lm
+from tokenflow_cli.models.generator_lm import LM_ARCHS, build_lm, enable_activation_checkpointing
 from tokenflow_cli.sampling import Schedule, cfg_strength, guide, sample_codes
 
 __all__ = [
@@ -375,6 +375,6 @@ def build_generator(cfg: GeneratorModelConfig, lm_config: dict | None = None) ->
     """The generator with its LM (see `build_lm`); new parts initialised from cfg.init_std."""
     lm = build_lm(cfg, lm_config)
     if cfg.gradient_checkpointing:
-        lm.gradient_checkpointing_enable()
+        enable_activation_checkpointing(lm)
     return NextScaleGenerator(cfg, lm)
 

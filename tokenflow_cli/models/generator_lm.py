@@ -76,3 +76,9 @@ def build_lm(cfg: GeneratorModelConfig, lm_config: dict | None = None) -> nn.Mod
     if cfg.lm_arch not in LM_ARCHS:
         raise ValueError(f"unknown model.lm_arch {cfg.lm_arch!r}; choose one of {sorted(LM_ARCHS)}")
     return LM_ARCHS[cfg.lm_arch](cfg)
+
+
+def enable_activation_checkpointing(lm: nn.Module) -> None:
+    """transformers >= 5.24 renamed `gradient_checkpointing_enable` (now deprecated)."""
+    enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+    enable()

@@ -26,6 +26,7 @@ from tokenflow_cli.data.llava import (
     read_records,
 )
 from tokenflow_cli.llava_config import LlavaRecipe, stage_train_config, validate
+from tokenflow_cli.models.generator_lm import enable_activation_checkpointing
 from tokenflow_cli.models.llava import LLAVA_JSON, LlavaModel
 from tokenflow_cli.models.llava_build import FINAL_DIR, SKELETON_DIR, WEIGHTS_NAME, build_llava
 from tokenflow_cli.models.llava_features import build_feature_source
@@ -65,7 +66,7 @@ class LlavaStage(Stage):
             model = build_llava(m, self.source.feature_dim, self.source.num_tokens, texts, self.extra)
         model.set_stage(stage)
         if stage == 2 and m.gradient_checkpointing:
-            model.lm.gradient_checkpointing_enable()
+            enable_activation_checkpointing(model.lm)
         self.model = model
         self.model_config = m
         self.cache: dict[str, torch.Tensor] = {}
