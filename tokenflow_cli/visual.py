@@ -12,9 +12,11 @@ from tokenflow_cli.checkpoint import atomic_path
 
 
 def to_uint8(img_B3HW: torch.Tensor) -> np.ndarray:
-    """[-1, 1] float images -> (B, H, W, 3) uint8 via clamp(127.5 x + 128) (official eval)."""
-    x = (img_B3HW.detach().float().cpu() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    """[-1, 1] float images -> (B, H, W, 3) uint8, the official eval's bytes (one conversion,
+    `data.images.from_tensor_pm1`, shared by every output)."""
+    from tokenflow_cli.data.images import from_tensor_pm1
+
+    return from_tensor_pm1(img_B3HW)
 
 
 def save_png(array_HW3: np.ndarray, path: Path) -> None:
