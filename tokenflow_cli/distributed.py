@@ -57,7 +57,7 @@ def tokenize_distributed(
     """One process: tokenize straight into `output`. Under torchrun: rank r takes paths[r::W],
     writes its shard, and rank 0 merges the shards into `output` (and removes them).
     Returns the result on rank 0 (failures and counts summed over ranks), None elsewhere."""
-    from tokenflow_cli.codes import merge_codes, shard_name
+    from tokenflow_cli.codes import shard_name
     from tokenflow_cli.inference import tokenize_paths
 
     device_type = next(resolved.tokenizer.parameters()).device.type
@@ -79,9 +79,20 @@ def tokenize_distributed(
     gathered: list = [None] * info.world_size
     dist.all_gather_object(gathered, (result.n_images, result.failures, result.seconds))
     barrier()
-    if not info.is_main:
-        return None
-    shards = [shard_name(output, r, info.world_size) for r in range(info.world_size)]
+    try:
+        if not info.is_main:
+            return None
+        return _merge_on_main(resolved, output, result, gathered, info.world_size)
+    finally:
+        # every rank leaves the group cleanly: exiting with live gloo threads can abort
+        barrier()
+        cleanup()
+
+
+def _merge_on_main(resolved, output: Path, result, gathered: list, world: int):
+    from tokenflow_cli.codes import merge_codes, shard_name
+
+    shards = [shard_name(output, r, world) for r in range(world)]
     merged = merge_codes(shards, output, delete=True)
     result.output = Path(output)
     result.n_images = len(merged)
