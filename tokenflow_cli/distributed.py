@@ -3,6 +3,7 @@ sharded tokenization whose shards rank 0 merges. No home-made distribution."""
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ def init_distributed(device_type: str = "cpu") -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" and torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
+        atexit.register(cleanup)  # every command leaves the group cleanly, even on an early return
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda" and torch.cuda.is_available():
         torch.cuda.set_device(local)
