@@ -23,7 +23,7 @@ test-all: venv
 	$(PY) -m pytest -q -m '' --durations=15
 
 demo: venv
-	$(PY) -m tokenflow_cli.demo
+	$(PY) -m tokenflow_cli.cli.demo
 
 lint: venv
 	$(VENV)/bin/ruff check tokenflow_cli tests benchmarks

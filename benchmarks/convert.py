@@ -56,7 +56,7 @@ def fabricate(variant: str, path: Path) -> None:
 
 
 def convert_child(src: Path, dst: Path) -> None:
-    from tokenflow_cli.convert import convert_checkpoint
+    from tokenflow_cli.tokenizer.convert import convert_checkpoint
 
     baseline = _vm("VmRSS")
     start = time.perf_counter()
@@ -68,7 +68,7 @@ def convert_child(src: Path, dst: Path) -> None:
 def throughput(path: Path, n_images: int, batch_size: int) -> dict:
     import torch
 
-    from tokenflow_cli.models.tokenizer import load_tokenizer
+    from tokenflow_cli.tokenizer.model import load_tokenizer
 
     tok = load_tokenizer(path)
     size = tok.image_size

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from tokenflow_cli.config import QuantizerConfig, load_recipe
-from tokenflow_cli.gen_config import GeneratorModelConfig, GeneratorRecipe
-from tokenflow_cli.models.generator import TextBatch, build_generator
-from tokenflow_cli.models.quantizer import MultiScaleDualQuantizer
-from tokenflow_cli.sampling import get_schedule
+from tokenflow_cli.config import load_recipe
+from tokenflow_cli.generation.config import GeneratorModelConfig, GeneratorRecipe
+from tokenflow_cli.generation.model import TextBatch, build_generator
+from tokenflow_cli.generation.sampling import get_schedule
+from tokenflow_cli.tokenizer.config import QuantizerConfig, TokenizerRecipe
+from tokenflow_cli.tokenizer.quantizer import MultiScaleDualQuantizer
 
 
 class QuantizerEmbedder:
@@ -51,11 +52,11 @@ class QuantizerEmbedder:
 
 def configs() -> dict[str, tuple[GeneratorModelConfig, QuantizerConfig]]:
     tiny = load_recipe("generator-tiny", GeneratorRecipe).model
-    mid_q = load_recipe("clipb-256").model.quantizer
+    mid_q = load_recipe("clipb-256", TokenizerRecipe).model.quantizer
     mid = GeneratorModelConfig(name="mid", hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
                                intermediate_size=2048, text_vocab_size=1024, max_text_tokens=32,
                                scales=mid_q.scales, codebook_size=mid_q.codebook_size, code_dim=40)
-    return {"tiny": (tiny, load_recipe("tiny").model.quantizer), "mid": (mid, mid_q)}
+    return {"tiny": (tiny, load_recipe("tiny", TokenizerRecipe).model.quantizer), "mid": (mid, mid_q)}
 
 
 def run_one(model, embedder, text, negative, schedule, use_cache: bool, seed: int, device):

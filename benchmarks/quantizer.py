@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tokenflow_cli.models.quantizer import nearest_code
+from tokenflow_cli.tokenizer.quantizer import nearest_code
 
 D_SEM, D_PIX = 32, 8
 

@@ -26,13 +26,14 @@ def _isolated_home(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def tiny_recipe():
     from tokenflow_cli.config import load_recipe
+    from tokenflow_cli.tokenizer.config import TokenizerRecipe
 
-    return load_recipe("tiny")
+    return load_recipe("tiny", TokenizerRecipe)
 
 
 @pytest.fixture
 def tiny_tokenizer(tiny_recipe):
-    from tokenflow_cli.models.tokenizer import build_tokenizer
+    from tokenflow_cli.tokenizer.model import build_tokenizer
 
     torch.manual_seed(0)
     return build_tokenizer(tiny_recipe.model).eval()

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 import tokenflow_cli.cli.app  # noqa: F401  (registers the commands)
 from tokenflow_cli.checkpoint import save_model
 from tokenflow_cli.cli.common import app
-from tokenflow_cli.codes import read_codes
+from tokenflow_cli.tokenizer.codes import read_codes
 
 runner = CliRunner()
 

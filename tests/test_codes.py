@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from tokenflow_cli.codes import find_shards, merge_codes, read_codes, shard_name, write_codes
+from tokenflow_cli.tokenizer.codes import find_shards, merge_codes, read_codes, shard_name, write_codes
 
 SCALES = (1, 2, 4)
 

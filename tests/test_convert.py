@@ -32,7 +32,7 @@ from convert_reference import (
     reference_encode,
 )
 
-from tokenflow_cli.config import (
+from tokenflow_cli.tokenizer.config import (
     ModelConfig,
     PixelConfig,
     QuantizerConfig,
@@ -40,7 +40,7 @@ from tokenflow_cli.config import (
     SemanticEncoderConfig,
     TeacherConfig,
 )
-from tokenflow_cli.convert import (
+from tokenflow_cli.tokenizer.convert import (
     ConversionError,
     convert_checkpoint,
     convert_state_dict,
@@ -48,7 +48,7 @@ from tokenflow_cli.convert import (
     official_to_ours,
     variant_config,
 )
-from tokenflow_cli.models.tokenizer import load_tokenizer
+from tokenflow_cli.tokenizer.model import load_tokenizer
 
 OFFICIAL = Path(__file__).resolve().parents[1].parent / "shared" / "official"
 FULL = {
@@ -110,7 +110,7 @@ def small_towers(monkeypatch):
     """Register the reduced towers (open_clip config file, SigLIP preset) for this test."""
     import open_clip
 
-    from tokenflow_cli.models import semantic
+    from tokenflow_cli.tokenizer import semantic
 
     if CLIP_TOWER not in open_clip.list_models():
         vision = {"image_size": 56, "layers": 2, "width": 64, "head_width": 32, "patch_size": 4}
@@ -327,7 +327,7 @@ def test_cli_convert(tmp_path, small_towers):
         app, ["tokenize", str(images), "-o", str(codes), "--model", str(out), "--device", "cpu"]
     )
     assert tok_run.exit_code == 0, tok_run.output
-    from tokenflow_cli.codes import read_codes
+    from tokenflow_cli.tokenizer.codes import read_codes
 
     assert read_codes(codes).indices.shape == (2, sum(s * s for s in SMALL_SIGLIP.scales))
 

@@ -15,9 +15,9 @@ ASSETS = Path(tokenflow_cli.__file__).resolve().parent / "assets"
 def test_shipped_tokenizer_reconstructs_recognisably(tmp_path):
     from tokenflow_cli.data.images import load_image, to_tensor_pm1
     from tokenflow_cli.data.shapes import render_shapes_world
-    from tokenflow_cli.models.tokenizer import load_tokenizer
-    from tokenflow_cli.reconstruct import psnr_uint8
-    from tokenflow_cli.visual import to_uint8
+    from tokenflow_cli.eval.image_metrics import psnr_uint8
+    from tokenflow_cli.eval.visual import to_uint8
+    from tokenflow_cli.tokenizer.model import load_tokenizer
 
     tok = load_tokenizer(ASSETS / "tiny-tokenizer.safetensors")
     render_shapes_world(tmp_path, n=8, seed=4242, size=64)  # a world the tokenizer never saw
@@ -39,8 +39,8 @@ def test_shipped_teacher_resolves_by_name(monkeypatch):
 
 @pytest.mark.skipif(not (ASSETS / "tiny-generator" / "model.safetensors").is_file(), reason="no shipped generator")
 def test_shipped_generator_generates(monkeypatch):
-    from tokenflow_cli.generation import GenerationSettings, generate_images, load_generator
-    from tokenflow_cli.sampling import get_schedule
+    from tokenflow_cli.generation.pipeline import GenerationSettings, generate_images, load_generator
+    from tokenflow_cli.generation.sampling import get_schedule
 
     loaded = load_generator(ASSETS / "tiny-generator", "cpu")
     settings = GenerationSettings(get_schedule("two-pass"), cfg=3.0, seed=0, samples_per_prompt=2)

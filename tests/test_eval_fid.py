@@ -65,7 +65,7 @@ def test_inception_spec_without_weights_says_how_to_build(tmp_path, monkeypatch)
 
 
 def test_map_state_maps_units_in_order_and_checks_shapes():
-    from tokenflow_cli.fid_weights import FidWeightsError, map_state
+    from tokenflow_cli.eval.fid_weights import FidWeightsError, map_state
 
     # a two-unit "TorchScript" state and a matching torch-fidelity-style target
     script = {}
@@ -89,7 +89,7 @@ def test_map_state_maps_units_in_order_and_checks_shapes():
 
 @pytest.mark.slow
 def test_build_fid_weights_from_fid_helper(tmp_path):
-    from tokenflow_cli.fid_weights import build_fid_weights
+    from tokenflow_cli.eval.fid_weights import build_fid_weights
     from tokenflow_cli.weights import fid_helper_source
 
     if fid_helper_source() is None:

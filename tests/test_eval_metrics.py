@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tokenflow_cli.eval.image_metrics import psnr, ssim
-from tokenflow_cli.eval.usage import UsageCounts, count_codes, perplexity, quantize_views
+from tokenflow_cli.tokenizer.usage import perplexity
+from tokenflow_cli.tokenizer.usage_report import UsageCounts, count_codes, quantize_views
 
 
 def test_psnr_matches_hand_computation():

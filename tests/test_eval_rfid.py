@@ -100,5 +100,5 @@ def test_weight_lookup_order(tmp_path, monkeypatch):
     assert find_weight_file("fid-inception", explicit) is None  # a missing explicit path is not skipped
     explicit.write_bytes(b"z")
     assert find_weight_file("fid-inception", explicit) == explicit
-    rows = {r["name"]: r for r in weight_report(include_recipes=False)}
+    rows = {r["name"]: r for r in weight_report()}
     assert rows["FID Inception-v3 (torch-fidelity)"]["path"] == str(env_file)

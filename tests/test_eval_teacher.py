@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from tokenflow_cli.eval.teacher import attribute_labels, caption_groups, class_prompts
+from tokenflow_cli.teacher.evaluate import attribute_labels, caption_groups, class_prompts
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +44,12 @@ def test_attribute_labels():
 
 
 def test_train_teacher_file_loads_as_tokenizer_teacher(world, tmp_path):
-    from tokenflow_cli.config import SemanticEncoderConfig, TeacherConfig, load_recipe
-    from tokenflow_cli.eval.teacher import load_clip, zero_shot_report
-    from tokenflow_cli.models.semantic import Teacher
-    from tokenflow_cli.teacher_config import TeacherRecipe
-    from tokenflow_cli.train.teacher_stage import train_teacher
+    from tokenflow_cli.config import load_recipe
+    from tokenflow_cli.teacher.config import TeacherRecipe
+    from tokenflow_cli.teacher.evaluate import load_clip, zero_shot_report
+    from tokenflow_cli.teacher.stage import train_teacher
+    from tokenflow_cli.tokenizer.config import SemanticEncoderConfig, TeacherConfig, TokenizerRecipe
+    from tokenflow_cli.tokenizer.semantic import Teacher
 
     recipe = load_recipe("teacher-tiny", TeacherRecipe, overrides=[
         f"data.captions={world / 'captions.jsonl'}", "data.val_size=4", "train.steps=2", "train.batch_size=8",
@@ -65,7 +66,7 @@ def test_train_teacher_file_loads_as_tokenizer_teacher(world, tmp_path):
     saved = load_file(str(weights))
     assert torch.equal(clip.model.visual.conv1.weight, saved["visual.conv1.weight"])
 
-    tiny = load_recipe("tiny").model
+    tiny = load_recipe("tiny", TokenizerRecipe).model
     teacher = Teacher(TeacherConfig(**{**tiny.teacher.__dict__, "pretrained": str(weights)}),
                       SemanticEncoderConfig(**tiny.semantic_encoder.__dict__))
     assert not teacher.random_init and teacher.dim == 64

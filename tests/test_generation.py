@@ -12,13 +12,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tokenflow_cli.checkpoint import WEIGHTS_NAME, save_model
-from tokenflow_cli.eval.geneval import export_geneval_layout, relative_position, score_detections, summarize
-from tokenflow_cli.gen_config import GeneratorModelConfig
-from tokenflow_cli.gen_data import CaptionedCodes, match_captions
-from tokenflow_cli.generation import PromptEncoder, load_generator, save_generator
-from tokenflow_cli.models.generator import build_generator
-from tokenflow_cli.sampling import get_schedule
-from tokenflow_cli.text_tokenizer import train_bpe_tokenizer
+from tokenflow_cli.data.text_tokenizer import train_bpe_tokenizer
+from tokenflow_cli.generation.config import GeneratorModelConfig
+from tokenflow_cli.generation.data import CaptionedCodes, match_captions
+from tokenflow_cli.generation.geneval import export_geneval_layout, relative_position, score_detections, summarize
+from tokenflow_cli.generation.model import build_generator
+from tokenflow_cli.generation.pipeline import PromptEncoder, load_generator, save_generator
+from tokenflow_cli.generation.sampling import get_schedule
 
 TEXTS = ["a photo of a red circle", "a photo of two blue squares", "a green star left of a yellow triangle"]
 
@@ -37,11 +37,12 @@ def _gen_config(vocab: int) -> GeneratorModelConfig:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     from tokenflow_cli.config import load_recipe
-    from tokenflow_cli.models.tokenizer import build_tokenizer
+    from tokenflow_cli.tokenizer.config import TokenizerRecipe
+    from tokenflow_cli.tokenizer.model import build_tokenizer
 
     root = tmp_path_factory.mktemp("gen_run")
     torch.manual_seed(0)
-    tok = build_tokenizer(load_recipe("tiny").model).eval()
+    tok = build_tokenizer(load_recipe("tiny", TokenizerRecipe).model).eval()
     save_model(tok, root / "tok" / WEIGHTS_NAME, tok.config, kind="tokenizer")
     text_tok = train_bpe_tokenizer(TEXTS, vocab_size=300)
     torch.manual_seed(1)
@@ -128,7 +129,7 @@ def test_geneval_rules() -> None:
 def test_detector_scores_ground_truth_renders_correct(tmp_path: Path) -> None:
     from tokenflow_cli.data.captions import read_jsonl
     from tokenflow_cli.data.shapes import render_shapes_world
-    from tokenflow_cli.eval.geneval import score_images
+    from tokenflow_cli.generation.geneval import score_images
 
     render_shapes_world(tmp_path, n=18, seed=4, size=64)
     records = read_jsonl(tmp_path / "geneval.jsonl")
@@ -172,7 +173,7 @@ def test_caption_matching_and_dropout() -> None:
 def test_train_generator_cli_makes_a_loadable_run(run_dir: Path, tmp_path: Path, source: str) -> None:
     from tokenflow_cli.cli.app import app
     from tokenflow_cli.data.shapes import render_shapes_world
-    from tokenflow_cli.inference import resolve_tokenizer, tokenize_paths
+    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, tokenize_paths
 
     render_shapes_world(tmp_path / "shapes", n=6, seed=0, size=64)
     tok_dir = run_dir.parent / "tok"

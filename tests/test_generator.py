@@ -11,15 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenflow_cli.gen_config import GeneratorModelConfig
-from tokenflow_cli.models.generator import (
+from tokenflow_cli.generation.config import GeneratorModelConfig
+from tokenflow_cli.generation.model import (
     NextScaleGenerator,
     RefineBlock,
     TextBatch,
     block_causal_allowed,
     build_generator,
 )
-from tokenflow_cli.sampling import SamplingPass, get_schedule
+from tokenflow_cli.generation.sampling import SamplingPass, get_schedule
 
 
 class FakeEmbedder:
@@ -273,14 +273,15 @@ def test_training_forward_backward_reaches_every_parameter() -> None:
 
 def test_recipes_load_and_match_the_tiny_tokenizer() -> None:
     from tokenflow_cli.config import load_recipe
-    from tokenflow_cli.gen_config import GeneratorRecipe
+    from tokenflow_cli.generation.config import GeneratorRecipe
+    from tokenflow_cli.tokenizer.config import TokenizerRecipe
 
     tiny = load_recipe("generator-tiny", GeneratorRecipe)
-    tok = load_recipe("tiny").model.quantizer
+    tok = load_recipe("tiny", TokenizerRecipe).model.quantizer
     assert tiny.model.scales == tok.scales and tiny.model.codebook_size == tok.codebook_size
     assert tiny.model.code_dim == tok.semantic_dim + tok.pixel_dim
     big = load_recipe("generator-llama7b", GeneratorRecipe)
-    assert big.model.lm_path and big.model.scales == load_recipe("clipb-256").model.quantizer.scales
+    assert big.model.lm_path and big.model.scales == load_recipe("clipb-256", TokenizerRecipe).model.quantizer.scales
     model = build_generator(tiny.model)
     assert sum(p.numel() for p in model.parameters()) < 5_000_000
     with pytest.raises(ValueError):

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from tokenflow_cli.config import load_recipe
-from tokenflow_cli.conversation import IGNORE_INDEX, ConversationFormatter
-from tokenflow_cli.llava_config import LlavaModelConfig, LlavaRecipe, TinyLMConfig, stage_train_config
-from tokenflow_cli.models.llava import LlavaModel
-from tokenflow_cli.models.llava_build import build_llava
-from tokenflow_cli.text_tokenizer import train_bpe_tokenizer
+from tokenflow_cli.data.text_tokenizer import train_bpe_tokenizer
+from tokenflow_cli.understanding.build import build_llava
+from tokenflow_cli.understanding.config import LlavaModelConfig, LlavaRecipe, TinyLMConfig, stage_train_config
+from tokenflow_cli.understanding.conversation import IGNORE_INDEX, ConversationFormatter
+from tokenflow_cli.understanding.model import LlavaModel
 
 N_VIS, C_VIS = 4, 6  # a fake feature source: 4 visual tokens of 6 channels per image
 

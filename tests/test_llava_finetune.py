@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from tokenflow_cli.config import to_dict
-from tokenflow_cli.llava_config import LlavaDataConfig, LlavaModelConfig, LlavaRecipe, TinyLMConfig
-from tokenflow_cli.train.llava_step import finetune_llava
+from tokenflow_cli.tokenizer.config import TokenizerRecipe
+from tokenflow_cli.understanding.config import LlavaDataConfig, LlavaModelConfig, LlavaRecipe, TinyLMConfig
+from tokenflow_cli.understanding.stage import finetune_llava
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +23,13 @@ def recipe(tmp_path_factory) -> LlavaRecipe:
     from tokenflow_cli.checkpoint import save_model
     from tokenflow_cli.config import TrainConfig, load_recipe
     from tokenflow_cli.data.shapes import render_shapes_world
-    from tokenflow_cli.models.tokenizer import build_tokenizer
+    from tokenflow_cli.tokenizer.model import build_tokenizer
 
     root = tmp_path_factory.mktemp("llava_ft")
     render_shapes_world(root / "shapes", 6, seed=0, size=64, llava=True)
     render_shapes_world(root / "held_out", 2, seed=1, size=64, llava=True)
     torch.manual_seed(0)
-    cfg = load_recipe("tiny").model
+    cfg = load_recipe("tiny", TokenizerRecipe).model
     save_model(build_tokenizer(cfg), root / "tok.safetensors", cfg, kind="tokenizer")
     lm = TinyLMConfig(
         hidden_size=32,

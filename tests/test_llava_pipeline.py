@@ -8,8 +8,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tokenflow_cli.conversation import IGNORE_INDEX
-from tokenflow_cli.eval.vqa import VqaItem, load_vqa_items, normalize_answer, score_vqa
+from tokenflow_cli.understanding.conversation import IGNORE_INDEX
+from tokenflow_cli.understanding.vqa import VqaItem, load_vqa_items, normalize_answer, score_vqa
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,11 @@ def world(tmp_path_factory):
 def tokenizer_ckpt(tmp_path_factory):
     from tokenflow_cli.checkpoint import save_model
     from tokenflow_cli.config import load_recipe
-    from tokenflow_cli.models.tokenizer import build_tokenizer
+    from tokenflow_cli.tokenizer.config import TokenizerRecipe
+    from tokenflow_cli.tokenizer.model import build_tokenizer
 
     torch.manual_seed(0)
-    cfg = load_recipe("tiny").model
+    cfg = load_recipe("tiny", TokenizerRecipe).model
     path = tmp_path_factory.mktemp("tok") / "model.safetensors"
     save_model(build_tokenizer(cfg), path, cfg, kind="tokenizer")
     return path
@@ -37,10 +38,10 @@ def tokenizer_ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def saved_model(world, tokenizer_ckpt, tmp_path_factory):
     """A (briefly trained) tiny understanding model saved with its tokenizer reference."""
-    from tokenflow_cli.data.llava import conversation_texts, read_records
-    from tokenflow_cli.llava_config import LlavaModelConfig, TinyLMConfig
-    from tokenflow_cli.models.llava_build import build_llava
-    from tokenflow_cli.models.tokenizer import load_tokenizer
+    from tokenflow_cli.tokenizer.model import load_tokenizer
+    from tokenflow_cli.understanding.build import build_llava
+    from tokenflow_cli.understanding.config import LlavaModelConfig, TinyLMConfig
+    from tokenflow_cli.understanding.data import conversation_texts, read_records
 
     records = read_records(world / "llava.json")
     source_tok = load_tokenizer(tokenizer_ckpt)
@@ -98,8 +99,8 @@ def test_question_sets_load_from_both_formats(world) -> None:
 
 
 def test_padded_batch_matches_single_samples(saved_model) -> None:
-    from tokenflow_cli.data.llava import ConversationDataset, collate_conversations
-    from tokenflow_cli.models.llava import LlavaModel
+    from tokenflow_cli.understanding.data import ConversationDataset, collate_conversations
+    from tokenflow_cli.understanding.model import LlavaModel
 
     out, records = saved_model
     model = LlavaModel.from_pretrained(out).eval()
@@ -118,8 +119,8 @@ def test_padded_batch_matches_single_samples(saved_model) -> None:
 
 
 def test_feature_sources_of_a_tiny_tokenizer(tokenizer_ckpt) -> None:
-    from tokenflow_cli.models.llava_features import build_feature_source
-    from tokenflow_cli.models.tokenizer import load_tokenizer
+    from tokenflow_cli.tokenizer.model import load_tokenizer
+    from tokenflow_cli.understanding.features import build_feature_source
 
     tok = load_tokenizer(tokenizer_ckpt)
     img = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -139,7 +140,7 @@ def test_feature_sources_of_a_tiny_tokenizer(tokenizer_ckpt) -> None:
 
 def test_ask_and_eval_vqa_cli(saved_model, world, tmp_path) -> None:
     from tokenflow_cli.cli.app import app
-    from tokenflow_cli.understanding import load_understanding
+    from tokenflow_cli.understanding.pipeline import load_understanding
 
     out, _ = saved_model
     image = world / "images" / "000000.png"

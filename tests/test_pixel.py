@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenflow_cli.config import PixelConfig
-from tokenflow_cli.models.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
-from tokenflow_cli.models.pixel import AttnBlock, PixelDecoder, PixelEncoder, downsample_factor
+from tokenflow_cli.tokenizer.config import PixelConfig
+from tokenflow_cli.tokenizer.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
+from tokenflow_cli.tokenizer.pixel import AttnBlock, PixelDecoder, PixelEncoder, downsample_factor
 
 OFFICIAL = Path(__file__).resolve().parents[1].parent / "shared" / "official"
 

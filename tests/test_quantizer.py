@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenflow_cli.config import QuantizerConfig
-from tokenflow_cli.models.quantizer import MultiScaleDualQuantizer, nearest_code, plain_nearest_code
+from tokenflow_cli.tokenizer.config import QuantizerConfig
+from tokenflow_cli.tokenizer.quantizer import MultiScaleDualQuantizer, nearest_code, plain_nearest_code
 
 
 def _brute_force(z_sem, z_pix, cb_sem, cb_pix, w):

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from tokenflow_cli.sampling import (
+from tokenflow_cli.generation.sampling import (
     SamplingPass,
     cfg_strength,
     filter_logits,

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenflow_cli.config import SemanticDecoderConfig, SemanticEncoderConfig, TeacherConfig
-from tokenflow_cli.models.semantic import (
+from tokenflow_cli.tokenizer.config import SemanticDecoderConfig, SemanticEncoderConfig, TeacherConfig
+from tokenflow_cli.tokenizer.semantic import (
     CLIP_MEAN,
     CLIP_STD,
     INPUT_NORMS,
@@ -23,7 +23,7 @@ from tokenflow_cli.models.semantic import (
     task_layer,
     tower_backend,
 )
-from tokenflow_cli.models.semantic_decoder import BeitAttention, resize_patch_positions
+from tokenflow_cli.tokenizer.semantic_decoder import BeitAttention, resize_patch_positions
 from tokenflow_cli.weights import MissingWeightsError
 
 OFFICIAL = Path(__file__).resolve().parents[1].parent / "shared" / "official"

@@ -5,7 +5,8 @@ import torch
 
 from tokenflow_cli.checkpoint import save_model
 from tokenflow_cli.config import load_recipe
-from tokenflow_cli.models.tokenizer import MultiScaleCodes, build_tokenizer, load_tokenizer
+from tokenflow_cli.tokenizer.config import TokenizerRecipe
+from tokenflow_cli.tokenizer.model import MultiScaleCodes, build_tokenizer, load_tokenizer
 
 
 def _images(n=2, size=64, seed=0):
@@ -17,7 +18,7 @@ def _images(n=2, size=64, seed=0):
     [("clipb-224", 561, 181_902_251), ("clipb-256", 817, 376_569_643), ("siglip-384", 2227, 554_009_963)],
 )
 def test_paper_recipes_token_counts_on_meta(name, tokens, params):
-    model = load_recipe(name).model
+    model = load_recipe(name, TokenizerRecipe).model
     model = dataclasses.replace(model, semantic_encoder=dataclasses.replace(model.semantic_encoder, pretrained=""))
     with torch.device("meta"):
         tok = build_tokenizer(model)

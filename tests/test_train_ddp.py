@@ -42,7 +42,7 @@ def ddp_run(tmp_path_factory):
 
 
 def test_two_rank_ddp_trains_and_its_checkpoint_loads_in_one_process(ddp_run):
-    from tokenflow_cli.models.tokenizer import load_tokenizer
+    from tokenflow_cli.tokenizer.model import load_tokenizer
 
     root, run, proc = ddp_run
     assert proc.stdout.count("finished step 2") == 1  # rank 0 reports, rank 1 stays quiet
@@ -58,8 +58,8 @@ def test_two_rank_ddp_trains_and_its_checkpoint_loads_in_one_process(ddp_run):
 
 
 def test_two_rank_tokenize_merges_shards_like_one_process(ddp_run):
-    from tokenflow_cli.codes import read_codes
-    from tokenflow_cli.inference import resolve_tokenizer, tokenize_paths
+    from tokenflow_cli.tokenizer.codes import read_codes
+    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, tokenize_paths
 
     root, run, _ = ddp_run
     images = root / "shapes" / "images"

@@ -7,8 +7,8 @@ import pytest
 
 @pytest.mark.slow
 def test_demo_trains_evaluates_and_installs_the_default_tokenizer(tmp_path):
-    from tokenflow_cli import demo
-    from tokenflow_cli.inference import default_tokenizer_candidates, resolve_tokenizer
+    from tokenflow_cli.cli import demo
+    from tokenflow_cli.tokenizer.pipeline import default_tokenizer_candidates, resolve_tokenizer
 
     ctx = demo.DemoContext(tmp_path / "demo", minutes=0.2, n_shapes=40, n_natural=20, n_val=4)
     for step in demo.DEMO_STEPS:

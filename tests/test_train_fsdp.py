@@ -39,12 +39,13 @@ def generator_data(tmp_path_factory) -> tuple[Path, list[str]]:
     from tokenflow_cli.checkpoint import save_model
     from tokenflow_cli.config import load_recipe
     from tokenflow_cli.data.shapes import render_shapes_world
-    from tokenflow_cli.inference import resolve_tokenizer, tokenize_paths
-    from tokenflow_cli.models.tokenizer import build_tokenizer
+    from tokenflow_cli.tokenizer.config import TokenizerRecipe
+    from tokenflow_cli.tokenizer.model import build_tokenizer
+    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, tokenize_paths
 
     root = tmp_path_factory.mktemp("fsdp")
     torch.manual_seed(0)
-    tok = build_tokenizer(load_recipe("tiny").model).eval()
+    tok = build_tokenizer(load_recipe("tiny", TokenizerRecipe).model).eval()
     save_model(tok, root / "tok" / WEIGHTS_NAME, tok.config, kind="tokenizer")
     render_shapes_world(root / "shapes", n=8, seed=0, size=64)
     resolved = resolve_tokenizer(str(root / "tok"), torch.device("cpu"))
@@ -72,8 +73,8 @@ def fsdp_run(generator_data) -> tuple[Path, subprocess.CompletedProcess]:
 
 
 def test_fsdp_generator_checkpoint_has_the_one_process_format(fsdp_run) -> None:
-    from tokenflow_cli.generation import load_generator
-    from tokenflow_cli.sampling import get_schedule
+    from tokenflow_cli.generation.pipeline import load_generator
+    from tokenflow_cli.generation.sampling import get_schedule
 
     run, proc = fsdp_run
     assert (proc.stdout + proc.stderr).count("FSDP: 2 units + 1 root(s) sharded over 2 ranks") == 1  # rank 0
@@ -121,8 +122,8 @@ def test_fsdp_checkpoint_resumes_in_one_process(fsdp_run, generator_data, tmp_pa
 
 
 def _tiny_generator(lm_dtype: torch.dtype):
-    from tokenflow_cli.gen_config import GeneratorModelConfig
-    from tokenflow_cli.models.generator import build_generator
+    from tokenflow_cli.generation.config import GeneratorModelConfig
+    from tokenflow_cli.generation.model import build_generator
 
     torch.manual_seed(0)
     cfg = GeneratorModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
@@ -204,14 +205,15 @@ def test_fsdp_llava_stage2_exports_a_loadable_model(tmp_path) -> None:
     from tokenflow_cli.checkpoint import save_model
     from tokenflow_cli.config import load_recipe, to_dict
     from tokenflow_cli.data.shapes import render_shapes_world
-    from tokenflow_cli.llava_config import LlavaDataConfig, LlavaModelConfig, LlavaRecipe, TinyLMConfig
-    from tokenflow_cli.models.llava import LlavaModel
-    from tokenflow_cli.models.tokenizer import build_tokenizer
+    from tokenflow_cli.tokenizer.config import TokenizerRecipe
+    from tokenflow_cli.tokenizer.model import build_tokenizer
+    from tokenflow_cli.understanding.config import LlavaDataConfig, LlavaModelConfig, LlavaRecipe, TinyLMConfig
+    from tokenflow_cli.understanding.model import LlavaModel
 
     render_shapes_world(tmp_path / "shapes", 6, seed=0, size=64, llava=True)
     render_shapes_world(tmp_path / "held_out", 2, seed=1, size=64, llava=True)
     torch.manual_seed(0)
-    cfg = load_recipe("tiny").model
+    cfg = load_recipe("tiny", TokenizerRecipe).model
     save_model(build_tokenizer(cfg), tmp_path / "tok.safetensors", cfg, kind="tokenizer")
     lm = TinyLMConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=64,
                       max_position_embeddings=320, vocab_size=300)

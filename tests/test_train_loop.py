@@ -17,7 +17,7 @@ from torch import nn
 
 from tokenflow_cli.checkpoint import WEIGHTS_NAME, load_state
 from tokenflow_cli.config import TrainConfig
-from tokenflow_cli.train import NonFiniteLossError, OptimizerSpec, Stage, TrainData, train
+from tokenflow_cli.train.loop import NonFiniteLossError, OptimizerSpec, Stage, TrainData, train
 from tokenflow_cli.train.optim import lr_multiplier
 from tokenflow_cli.train.state import complete_checkpoints, latest_checkpoint
 
@@ -128,7 +128,7 @@ KILL_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import tokenflow_cli.checkpoint as ckpt
     from test_train_loop import ToyStage, toy_cfg
-    from tokenflow_cli.train import train
+    from tokenflow_cli.train.loop import train
 
     real = ckpt.save_train_state
     calls = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenflow_cli.train.losses import MissingLpipsBackboneError, build_lpips, lpips_backbone_path
+from tokenflow_cli.eval.image_metrics import MissingLpipsBackboneError, build_lpips, lpips_backbone_path
 
 
 @pytest.fixture(scope="module")

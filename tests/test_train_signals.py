@@ -16,7 +16,7 @@ from torch import nn
 
 from tokenflow_cli.checkpoint import STATE_NAME, WEIGHTS_NAME, load_state, load_train_state
 from tokenflow_cli.config import TrainConfig
-from tokenflow_cli.train import Stage, TrainData, train
+from tokenflow_cli.train.loop import Stage, TrainData, train
 from tokenflow_cli.train.state import complete_checkpoints, latest_checkpoint
 
 
@@ -102,7 +102,7 @@ def test_worker_death_without_a_stop_request_still_fails(tmp_path):
 
 def test_sigterm_to_the_process_group_stops_train_tokenizer_with_a_checkpoint(tmp_path):
     from tokenflow_cli.data.shapes import render_shapes_world
-    from tokenflow_cli.models.tokenizer import load_tokenizer
+    from tokenflow_cli.tokenizer.model import load_tokenizer
 
     render_shapes_world(tmp_path / "shapes", n=16, seed=0, size=64)
     run = tmp_path / "run"

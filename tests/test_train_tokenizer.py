@@ -14,9 +14,10 @@ from tokenflow_cli.checkpoint import STATE_NAME, load_train_state
 from tokenflow_cli.config import load_recipe
 from tokenflow_cli.device import seed_everything
 from tokenflow_cli.distributed import DistInfo
-from tokenflow_cli.train import train
+from tokenflow_cli.tokenizer.config import TokenizerRecipe
+from tokenflow_cli.tokenizer.stage import TokenizerStage, split_train_val
+from tokenflow_cli.train.loop import train
 from tokenflow_cli.train.state import step_dir
-from tokenflow_cli.train.tokenizer_step import TokenizerStage, split_train_val
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def recipe_for(shapes_dir, *extra: str):
         "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=1", "train.warmup_steps=0",
         "model.quantizer.codebook_size=64", "eval.batch_size=4",
     ]
-    return load_recipe("tiny", overrides=[*base, *extra])
+    return load_recipe("tiny", TokenizerRecipe, overrides=[*base, *extra])
 
 
 def bound_stage(recipe, tmp_path) -> TokenizerStage:
@@ -182,7 +183,7 @@ def test_val_split_holds_images_out(shapes_dir):
 
 def test_train_tokenizer_command_writes_a_loadable_run(shapes_dir, tmp_path):
     from tokenflow_cli.cli.app import app
-    from tokenflow_cli.models.tokenizer import load_tokenizer
+    from tokenflow_cli.tokenizer.model import load_tokenizer
 
     run = tmp_path / "run"
     args = ["train-tokenizer", "tiny", "-o", str(run), "--steps", "2", "--device", "cpu", "--seed", "5",
@@ -193,7 +194,7 @@ def test_train_tokenizer_command_writes_a_loadable_run(shapes_dir, tmp_path):
     assert "finished step 2" in result.output and "PSNR" in result.output
     tok = load_tokenizer(run)
     assert tok.codebook_size == 64
-    saved = load_recipe(run / "recipe.yaml")
+    saved = load_recipe(run / "recipe.yaml", TokenizerRecipe)
     assert saved.train.seed == 5 and saved.train.steps == 2
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["split"] for r in rows] == ["train", "eval"] and "usage@16" in rows[0]
@@ -214,7 +215,7 @@ def test_command_rejects_missing_lpips_backbone_clearly(shapes_dir, tmp_path, mo
 def test_lpips_loads_the_cached_backbone(tmp_path, monkeypatch):
     import torchvision
 
-    from tokenflow_cli.train.losses import build_lpips, lpips_backbone_path
+    from tokenflow_cli.eval.image_metrics import build_lpips, lpips_backbone_path
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     torch.manual_seed(0)
@@ -230,7 +231,7 @@ def test_lpips_loads_the_cached_backbone(tmp_path, monkeypatch):
 
 
 def test_random_backbone_is_labelled(tmp_path, monkeypatch):
-    from tokenflow_cli.train.losses import build_lpips
+    from tokenflow_cli.eval.image_metrics import build_lpips
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     assert "RANDOM" in build_lpips("alex", allow_random_backbone=True).label

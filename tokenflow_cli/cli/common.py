@@ -41,3 +41,11 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     """Print a one-line error in red and return the exit to raise."""
     err_console.print(f"[bold red]error:[/] {message}")
     return typer.Exit(code)
+
+
+def quiet_transformers() -> None:
+    """No tqdm bars or advisory warnings from transformers inside our own output."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()

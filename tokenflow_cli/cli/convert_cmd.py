@@ -32,11 +32,12 @@ def convert_cmd(
     """Import an official tokenizer: read without running pickled code, map every key, check every
     shape, write our checkpoint with the matching recipe in its metadata."""
     from tokenflow_cli.config import ConfigError, load_recipe
-    from tokenflow_cli.convert import ConversionError, convert_checkpoint
+    from tokenflow_cli.tokenizer.config import TokenizerRecipe
+    from tokenflow_cli.tokenizer.convert import ConversionError, convert_checkpoint
 
     start = time.perf_counter()
     try:
-        config = load_recipe(recipe).model if recipe else None
+        config = load_recipe(recipe, TokenizerRecipe).model if recipe else None
         report = convert_checkpoint(source, output, variant=variant, config=config, dtype=dtype)
     except (ConversionError, ConfigError) as err:
         raise fail(str(err)) from None

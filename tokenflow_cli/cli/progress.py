@@ -32,3 +32,14 @@ def image_progress(total: int, label: str) -> Iterator[Callable[[int, int, float
             progress.update(task, completed=done, rate=done / elapsed, usage=usage, failed=failed)
 
         yield update
+
+
+@contextlib.contextmanager
+def count_progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """A Rich bar advanced by update(n); silent when the console is not a terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.advance(task, n)

@@ -1,4 +1,4 @@
-"""`tokenflow train-teacher`: a thin layer over tokenflow_cli.train.teacher_stage."""
+"""`tokenflow train-teacher`: a thin layer over tokenflow_cli.teacher.stage."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ def train_teacher_cmd(
 ) -> None:
     """Train a small CLIP contrastively on captioned images (offline teacher for the semantic branch)."""
     from tokenflow_cli.config import ConfigError, load_recipe
-    from tokenflow_cli.teacher_config import TeacherRecipe
+    from tokenflow_cli.teacher.config import TeacherRecipe
+    from tokenflow_cli.teacher.stage import train_teacher
     from tokenflow_cli.train.loop import NonFiniteLossError
-    from tokenflow_cli.train.teacher_stage import train_teacher
     from tokenflow_cli.weights import TINY_TEACHER, MissingWeightsError, default_location
 
     extra = [*(overrides or []), *([f"train.steps={steps}"] if steps is not None else [])]

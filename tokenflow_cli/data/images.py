@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torchvision.transforms import RandomResizedCrop  # torch RNG: seeded per DataLoader worker
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
@@ -177,8 +178,14 @@ def resize_center_crop(img: Image.Image, size: int, resample: int = Image.BICUBI
 def to_tensor_pm1(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float (3, H, W) in [-1, 1]: to-tensor then (x - 0.5) / 0.5 as official."""
     hwc = np.asarray(to_rgb(img), dtype=np.uint8)
-    unit_3HW = torch.from_numpy(hwc.copy()).permute(2, 0, 1).float().div(255.0)
-    return (unit_3HW - 0.5) / 0.5
+    return uint8_to_pm1(hwc[None])[0]
+
+
+def uint8_to_pm1(x_BHW3: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]: the official ToTensor + Normalize(0.5, 0.5)
+    arithmetic, (x / 255 - 0.5) / 0.5; the one conversion every input path uses."""
+    unit_B3HW = torch.from_numpy(np.array(x_BHW3, dtype=np.uint8)).permute(0, 3, 1, 2).float().div(255.0)
+    return (unit_B3HW - 0.5) / 0.5
 
 
 def from_tensor_pm1(img: torch.Tensor) -> np.ndarray:
@@ -197,8 +204,6 @@ def from_tensor_pm1(img: torch.Tensor) -> np.ndarray:
 
 
 def _random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float]) -> Image.Image:
-    from torchvision.transforms import RandomResizedCrop  # torch RNG: seeded per DataLoader worker
-
     top, left, height, width = RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])
     return img.resize((size, size), Image.BICUBIC, box=(left, top, left + width, top + height))
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage  # kept out of the light import path
 
 from tokenflow_cli.data.shapes_scene import COLORS, SIZES
 
@@ -82,7 +83,6 @@ def detect_shapes(
     than `min_area_frac` of the image are ignored; pixels further than `max_distance` (RGB
     units) from every background-to-colour segment count as background.
     """
-    from scipy import ndimage  # kept out of the light import path
 
     rgb_HW3 = np.asarray(image)[..., :3]
     rgb_HW3 = rgb_HW3 * 255.0 if rgb_HW3.dtype.kind == "f" and rgb_HW3.max() <= 1.0 else rgb_HW3

@@ -15,6 +15,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenflow_cli.data.images import list_images
+from tokenflow_cli.data.natural import VAL_PHOTOS, natural_crops
+from tokenflow_cli.data.shapes import render_shapes_world
+from tokenflow_cli.fileio import atomic_write_text
+from tokenflow_cli.weights import tokenflow_home
+
 HELDOUT_SHAPES_SEED = 10_007
 NATURAL_SEED = 0
 DEFAULT_PER_SUBSET = 64
@@ -29,8 +35,6 @@ class EvalSubset:
 
 
 def eval_sets_dir() -> Path:
-    from tokenflow_cli.inference import tokenflow_home
-
     return tokenflow_home() / "eval-sets"
 
 
@@ -40,14 +44,10 @@ def _is_complete(folder: Path, params: dict) -> bool:
 
 
 def _mark_complete(folder: Path, params: dict) -> None:
-    from tokenflow_cli.checkpoint import atomic_write_text
-
     atomic_write_text(folder / DONE_MARKER, json.dumps(params))
 
 
 def heldout_shapes(res: int, n: int, root: Path | None = None) -> EvalSubset:
-    from tokenflow_cli.data.shapes import render_shapes_world
-
     params = {"kind": "shapes", "seed": HELDOUT_SHAPES_SEED, "size": res, "n": n}
     folder = (root or eval_sets_dir()) / f"shapes-seed{HELDOUT_SHAPES_SEED}-{res}px-n{n}"
     if not _is_complete(folder, params):
@@ -58,8 +58,6 @@ def heldout_shapes(res: int, n: int, root: Path | None = None) -> EvalSubset:
 
 
 def natural_val_crops(res: int, n: int, root: Path | None = None) -> EvalSubset:
-    from tokenflow_cli.data.natural import VAL_PHOTOS, natural_crops
-
     params = {"kind": "natural", "seed": NATURAL_SEED, "split": "val", "size": res, "n": n}
     folder = (root or eval_sets_dir()) / f"natural-val-seed{NATURAL_SEED}-{res}px-n{n}"
     if not _is_complete(folder, params):
@@ -82,7 +80,6 @@ def builtin_eval_set(res: int, limit: int = 0, root: Path | None = None) -> list
 
 def folder_subset(source: str | Path, limit: int = 0) -> EvalSubset:
     """A user's images (folder, glob, list): one subset, first `limit` files in sorted order."""
-    from tokenflow_cli.data.images import list_images
 
     paths = list_images(source)
     paths = paths[:limit] if limit else paths

@@ -17,6 +17,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id
+
+from tokenflow_cli.fileio import file_sha256
+from tokenflow_cli.weights import require_weight_file
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's registered name
 TINY_EXTRACTOR = "tokenflow-tiny-features"
@@ -38,8 +46,6 @@ class FeatureSpec:
 
 
 def _tiny_extractor_class() -> type:
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-
     class TinyFeatureExtractor(FeatureExtractorBase):
         """Two fixed random conv layers (seeded) and a global mean: 16 features per image.
         Offline and fast; it makes FID-like numbers that are NOT comparable to FID."""
@@ -78,7 +84,6 @@ def _tiny_extractor_class() -> type:
 
 def register_tiny_extractor() -> str:
     """Register the tiny extractor with torch-fidelity (idempotent); returns its name."""
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
     if TINY_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
         register_feature_extractor(TINY_EXTRACTOR, _tiny_extractor_class())
@@ -87,8 +92,6 @@ def register_tiny_extractor() -> str:
 
 def inception_spec(explicit: str | Path | None = None) -> FeatureSpec:
     """The real FID extractor; MissingWeightsError (saying how to build the file) if absent."""
-    from tokenflow_cli.inference import file_sha256
-    from tokenflow_cli.weights import require_weight_file
 
     path = require_weight_file("fid-inception", explicit)
     return FeatureSpec(INCEPTION, "2048", str(path), file_sha256(path), True, "Inception-v3 pool3 (FID)")
@@ -113,16 +116,12 @@ class FeatureCache:
     """One torch-fidelity extractor; features of each folder computed once."""
 
     def __init__(self, spec: FeatureSpec, cuda: bool = False, batch_size: int = 32) -> None:
-        from torch_fidelity.utils import create_feature_extractor
-
         self.spec = spec
         self.kwargs = fidelity_kwargs(spec, cuda, batch_size)
         self.extractor = create_feature_extractor(spec.extractor, [spec.layer], **self.kwargs)
         self._features: dict[str, torch.Tensor] = {}
 
     def features(self, folder: Path) -> torch.Tensor:
-        from torch_fidelity.utils import extract_featuresdict_from_input_id
-
         key = str(Path(folder).resolve())
         if key not in self._features:
             found = extract_featuresdict_from_input_id(1, self.extractor, **{**self.kwargs, "input1": str(folder)})
@@ -132,8 +131,6 @@ class FeatureCache:
 
 def fid_kid(features_1: torch.Tensor, features_2: torch.Tensor, kid: bool = True, seed: int = 2020) -> dict:
     """torch-fidelity's FID (and KID over min(1000, n) subsets) from (N, D) feature rows."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-    from torch_fidelity.metric_kid import kid_features_to_metric
 
     out: dict = {"n1": int(features_1.shape[0]), "n2": int(features_2.shape[0])}
     if min(out["n1"], out["n2"]) < 2:

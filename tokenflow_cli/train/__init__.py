@@ -1,6 +1,3 @@
-"""Training: the generic loop (`loop.train` + `loop.Stage`), its progress display and logs, and the
-tokenizer stage. Later stages (generator, LLaVA) subclass `Stage` and call `train`."""
-
-from tokenflow_cli.train.loop import NonFiniteLossError, OptimizerSpec, Stage, TrainData, TrainResult, train
-
-__all__ = ["NonFiniteLossError", "OptimizerSpec", "Stage", "TrainData", "TrainResult", "train"]
+"""Generic training machinery: the one loop (`loop.train`) and the `Stage` protocol each
+capability implements (`tokenizer/stage.py`, `generation/stage.py`, ...), run state and resume,
+resumable data streams, optimizers, progress, DDP/FSDP. Imports no capability."""

@@ -23,7 +23,17 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from tokenflow_cli.config import TrainConfig
 
@@ -68,7 +78,6 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 def is_sharded(module: nn.Module) -> bool:
     """Whether `module` was sharded by `shard` (its parameters are DTensor shards); local."""
-    from torch.distributed.fsdp import FSDPModule
 
     return isinstance(module, FSDPModule)
 
@@ -78,8 +87,6 @@ def shard(module: nn.Module, units: Iterable[nn.Module], device: torch.device, w
     """Shard `module` in place: each of `units` inside it becomes its own unit, so do the small
     modules that `dtype_units` splits off, and the rest is the root unit. Parameters move to
     `device` as they are sharded. Returns the number of inner units."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     fully_shard = _fully_shard()
     _copy_from_rank0(module, device)
@@ -119,7 +126,6 @@ def dtype_units(module: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
 def _copy_from_rank0(module: nn.Module, device: torch.device) -> None:
     """Every rank starts from rank 0's weights (what DDP does on wrapping): FSDP keeps each rank's
     own slice, so ranks that initialised differently would otherwise mix into one model."""
-    import torch.distributed as dist
 
     for tensor in [*module.parameters(), *module.buffers()]:
         on_device = tensor.detach().to(device)  # nccl sends only GPU tensors; one at a time
@@ -128,8 +134,6 @@ def _copy_from_rank0(module: nn.Module, device: torch.device) -> None:
 
 
 def _units(modules: Iterable[nn.Module]) -> list[nn.Module]:
-    from torch.distributed.fsdp import FSDPModule
-
     return [m for root in modules for m in root.modules() if isinstance(m, FSDPModule)]
 
 
@@ -165,28 +169,23 @@ def gathered(modules: Iterable[nn.Module]) -> Iterator[None]:
 
 
 def _options(**kwargs: bool) -> Any:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     return StateDictOptions(full_state_dict=True, **kwargs)
 
 
 def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The full state dict on CPU on rank 0 (gathered one tensor at a time), {} elsewhere."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     return get_model_state_dict(module, options=_options(cpu_offload=True))
 
 
 def full_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Sharded tensors (an EMA shadow of a sharded model) made whole on CPU (all ranks)."""
-    from torch.distributed.tensor import DTensor
 
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in state.items()}
 
 
 def copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
     """Write a whole tensor into `target`, which may be this rank's shard of it; local."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
 
     if isinstance(target, DTensor):  # every rank holds `full`: each slices its own shard
         full = distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements,
@@ -204,7 +203,6 @@ def _param_names(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer
 def full_optimizer_state(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """`optimizer.state_dict()` as one process would write it (full moments, integer keys) on
     rank 0, {} elsewhere. `modules`: every module owning the optimizer's parameters, by name."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     named = get_optimizer_state_dict(nn.ModuleDict(modules), optimizer, options=_options(cpu_offload=True))
     if not named:
@@ -225,7 +223,6 @@ def full_states(model: nn.Module, modules: dict[str, nn.Module], optimizers: dic
 def load_optimizer_state(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
                          state: dict[str, Any]) -> None:
     """Load a full `Optimizer.state_dict()` (every rank holds it) into a sharded optimizer."""
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     names = _param_names(modules, optimizer)
     groups = state["param_groups"]

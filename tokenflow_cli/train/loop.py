@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -377,6 +378,4 @@ class _Loop:
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()

@@ -21,7 +21,7 @@ from tokenflow_cli.train import fsdp
 from tokenflow_cli.train.optim import ModelEma
 from tokenflow_cli.train.stage import Stage
 
-__all__ = ["full_states", "no_sync", "trainable", "wrap"]
+__all__ = ["enable_activation_checkpointing", "full_states", "no_sync", "trainable", "wrap"]
 
 
 def trainable(module: nn.Module) -> bool:
@@ -60,3 +60,9 @@ def full_states(stage: Stage, optimizers: dict[str, torch.optim.Optimizer], ema:
     if use_fsdp:
         return fsdp.full_states(stage.model, stage.modules(), optimizers, ema_state)
     return stage.model.state_dict(), {n: o.state_dict() for n, o in optimizers.items()}, ema_state
+
+
+def enable_activation_checkpointing(lm: nn.Module) -> None:
+    """transformers >= 5.24 renamed `gradient_checkpointing_enable` (now deprecated)."""
+    enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+    enable()

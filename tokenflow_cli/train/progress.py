@@ -20,7 +20,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from tokenflow_cli.checkpoint import atomic_write_text
+from tokenflow_cli.fileio import atomic_write_text
 
 LOG_FILES = ("metrics.jsonl", "metrics.csv", "eval.csv")
 _NOT_LOSSES = {"step", "lr", "images_per_s", "eta_s", "time_s", "split", "epoch", "grad_norm"}

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data._utils import signal_handling
 
 
 class ResumableSampler(Sampler):
@@ -92,7 +93,6 @@ def stop_watching_workers(batches: Any) -> None:
     in the main thread: after the first death is handled, a second must not interrupt the
     checkpoint. torch has no public call for this; the iterator's own shutdown (when the loader
     is dropped) then skips the watch list and stops the surviving workers."""
-    from torch.utils.data._utils import signal_handling
 
     if getattr(batches, "_worker_pids_set", False):
         signal_handling._remove_worker_pids(id(batches))

@@ -1,0 +1,148 @@
+"""The generator's commands: `generate` and `train-generator`, thin layers over
+tokenflow_cli.generation (pipeline, stage). `eval geneval` is in eval_cmd.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tokenflow_cli.cli.common import DeviceOpt, RecipeArg, ResumeOpt, SetOpt, app, console, fail
+
+GenModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Generator run folder or checkpoint (default: the demo's generator, "
+                 "$TOKENFLOW_GENERATOR or ~/.cache/tokenflow/generator)."),
+]
+ImageTokenizerOpt = Annotated[
+    str | None, typer.Option("--tokenizer", help="Image tokenizer to use instead of the one the run names.")
+]
+PresetOpt = Annotated[
+    str | None, typer.Option("--preset", help="Named schedule: one-pass (600,0.6), two-pass, three-pass.")
+]
+PassesOpt = Annotated[
+    str | None, typer.Option("--passes", help='Passes as top_k:top_p, e.g. "1200:0.8,100:0.8,1:0".')
+]
+CfgOpt = Annotated[float, typer.Option("--cfg", help="Guidance at the last scale (ramps linearly from 0).")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Softmax temperature (> 0).")]
+GenBatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")]
+CacheOpt = Annotated[bool, typer.Option("--cache/--no-cache", help="KV cache (--no-cache recomputes, as official).")]
+
+
+def _schedule(preset: str | None, passes: str | None, pairs: list[tuple[int | None, float | None]],
+              default: str = "two-pass"):
+    from tokenflow_cli.generation.sampling import get_schedule, schedule_from_pairs
+
+    explicit = schedule_from_pairs(pairs)
+    if sum(bool(x) for x in (preset, passes, explicit)) > 1:
+        raise fail("give one of --preset, --passes or --k1/--p1/... ")
+    try:
+        return explicit or get_schedule(preset or passes or default)
+    except ValueError as err:
+        raise fail(str(err)) from None
+
+
+def load_generator_for_cli(model: str | None, tokenizer: str | None, device: str):
+    from tokenflow_cli.cli.common import quiet_transformers
+    from tokenflow_cli.device import resolve_device
+    from tokenflow_cli.generation.pipeline import resolve_generator
+
+    quiet_transformers()
+    try:
+        loaded = resolve_generator(model, resolve_device(device), tokenizer)
+    except (FileNotFoundError, ValueError) as err:
+        raise fail(str(err)) from None
+    note = " [bold yellow](random init: outputs are meaningless)[/]" if loaded.random_init else ""
+    console.print(f"generator: [cyan]{loaded.source}[/]{note}\nimage tokenizer: [cyan]{loaded.tokenizer_source}[/]")
+    return loaded
+
+
+def open_count_bar(label: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, disable=not console.is_terminal)
+
+
+@app.command("generate")
+def generate_cmd(
+    prompt: Annotated[str | None, typer.Argument(help="Text prompt (or use --prompts FILE).")] = None,
+    n: Annotated[int, typer.Option("-n", "--num-images", help="Images per prompt.")] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    cfg: CfgOpt = 3.0,
+    negative_prompt: Annotated[str, typer.Option("--negative-prompt", help="Unconditional prompt for CFG.")] = "",
+    k1: Annotated[int | None, typer.Option("--k1", help="Top-k of pass 1 (<= 0: off).")] = None,
+    p1: Annotated[float | None, typer.Option("--p1", help="Top-p of pass 1 (0 or 1: off).")] = None,
+    k2: Annotated[int | None, typer.Option("--k2", help="Top-k of pass 2 (re-predicts each scale).")] = None,
+    p2: Annotated[float | None, typer.Option("--p2", help="Top-p of pass 2.")] = None,
+    k3: Annotated[int | None, typer.Option("--k3", help="Top-k of pass 3.")] = None,
+    p3: Annotated[float | None, typer.Option("--p3", help="Top-p of pass 3.")] = None,
+    passes: PassesOpt = None,
+    preset: PresetOpt = None,
+    temperature: TemperatureOpt = 1.0,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="File of prompts (.txt lines or .jsonl).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for PNGs, grid.png, settings.json.")] = Path(
+        "generated"),
+    model: GenModelOpt = None,
+    tokenizer: ImageTokenizerOpt = None,
+    batch_size: GenBatchOpt = 16,
+    cache: CacheOpt = True,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Text -> images: next-scale sampling with CFG, multi-pass re-prediction and a KV cache."""
+    from tokenflow_cli.generation.pipeline import GenerationSettings, generate_images, read_prompts_file, write_outputs
+
+    if (prompt is None) == (prompts is None):
+        raise fail("give a PROMPT or --prompts FILE (not both)")
+    try:
+        texts = read_prompts_file(prompts) if prompts else [prompt]
+    except (OSError, ValueError) as err:
+        raise fail(str(err)) from None
+    if not texts:
+        raise fail(f"{prompts}: no prompts")
+    schedule = _schedule(preset, passes, [(k1, p1), (k2, p2), (k3, p3)])
+    settings = GenerationSettings(schedule, cfg, temperature, seed, n, negative_prompt, batch_size, cache)
+    loaded = load_generator_for_cli(model, tokenizer, device)
+    with open_count_bar("generate") as bar:
+        task = bar.add_task("generate", total=len(texts) * n)
+        try:
+            result = generate_images(loaded, texts, settings, lambda k: bar.advance(task, k))
+        except ValueError as err:
+            raise fail(str(err)) from None
+    extra = {"model": loaded.source, "tokenizer": loaded.tokenizer_source, "random_init": loaded.random_init}
+    write_outputs(output, result, settings, extra)
+    console.print(f"{len(result.images)} images ({result.images_per_s:.2f} img/s, schedule "
+                  f"{settings.to_json()['schedule']}, cfg {cfg}) -> [bold]{output}[/] (grid.png, settings.json)")
+
+
+@app.command("train-generator")
+def train_generator_cmd(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run folder (default runs/NAME).")] = None,
+    resume: ResumeOpt = True,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train the next-scale text-to-image generator on captioned codes (or images)."""
+    from tokenflow_cli.cli.common import quiet_transformers
+    from tokenflow_cli.config import ConfigError, load_recipe
+    from tokenflow_cli.generation.config import GeneratorRecipe
+    from tokenflow_cli.generation.stage import GeneratorStage
+    from tokenflow_cli.train.loop import NonFiniteLossError, train
+
+    quiet_transformers()
+    try:
+        cfg = load_recipe(recipe, GeneratorRecipe, overrides)
+    except ConfigError as err:
+        raise fail(str(err)) from None
+    run_dir = output or Path("runs") / cfg.model.name
+    try:
+        stage = GeneratorStage(cfg, run_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise fail(str(err)) from None
+    try:
+        result = train(stage, cfg.train, run_dir, recipe=cfg, device=device, resume=resume)
+    except (FileNotFoundError, ValueError, NonFiniteLossError) as err:
+        raise fail(str(err)) from None
+    console.print(f"trained {result.step} steps in {result.seconds:.0f}s -> [bold]{run_dir}[/]")

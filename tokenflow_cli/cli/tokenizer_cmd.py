@@ -1,0 +1,172 @@
+"""The tokenizer's commands: `tokenize`, `reconstruct` and `train-tokenizer`, thin layers over
+tokenflow_cli.tokenizer (pipeline, reconstruct, stage)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tokenflow_cli.cli.common import (
+    BatchOpt,
+    DeviceOpt,
+    ModelOpt,
+    RecipeArg,
+    ResumeOpt,
+    SetOpt,
+    StrictOpt,
+    app,
+    console,
+    err_console,
+    fail,
+)
+
+
+def _load_model(model: str | None, device: str):
+    from tokenflow_cli.device import resolve_device
+    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer
+
+    resolved = resolve_tokenizer(model, resolve_device(device))
+    note = " [bold yellow](random init: outputs are meaningless)[/]" if resolved.random_init else ""
+    console.print(f"model: [cyan]{resolved.source}[/]{note}")
+    return resolved
+
+
+def _list_inputs(source: str) -> list[Path]:
+    from tokenflow_cli.data.images import list_images
+
+    try:
+        return list_images(source)
+    except (FileNotFoundError, ValueError) as err:  # ImageSourceError is a ValueError
+        raise fail(str(err)) from None
+
+
+def _report_failures(failures: list[tuple[str, str]], strict: bool) -> None:
+    if not failures:
+        return
+    err_console.print(f"[yellow]skipped {len(failures)} unreadable file(s):[/]")
+    for path, reason in failures[:10]:
+        err_console.print(f"  {path}: {reason}")
+    if len(failures) > 10:
+        err_console.print(f"  ... and {len(failures) - 10} more")
+
+
+@app.command("tokenize")
+def tokenize_cmd(
+    inputs: Annotated[str, typer.Argument(help="Folder (recursive), glob, or text file of image paths.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Codes file to write (.npz).")] = Path("codes.npz"),
+    model: ModelOpt = None,
+    batch_size: BatchOpt = 16,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="DataLoader worker processes.")] = 0,
+    strict: StrictOpt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Images -> multi-scale shared indices in one .npz (per-scale views in the reader)."""
+    from tokenflow_cli.data.images import ImageLoadError
+    from tokenflow_cli.tokenizer.sharded import tokenize_distributed
+
+    resolved = _load_model(model, device)
+    paths = _list_inputs(inputs)
+    from tokenflow_cli.cli.progress import image_progress
+
+    with image_progress(len(paths), "tokenize") as update:
+        try:
+            result = tokenize_distributed(resolved, paths, output, batch_size, workers, strict, update)
+        except ImageLoadError as err:
+            raise fail(f"--strict: {err}") from None
+    if result is None:  # a non-zero rank under torchrun: rank 0 reports
+        return
+    _report_failures(result.failures, strict)
+    console.print(
+        f"wrote [bold]{result.output}[/]: {result.n_images} images x {resolved.tokenizer.num_tokens} tokens, "
+        f"scales {list(resolved.tokenizer.scales)}, {result.images_per_s:.1f} images/s, "
+        f"codebook usage {100 * result.usage_share:.1f}% of {resolved.tokenizer.codebook_size}"
+    )
+
+
+@app.command("reconstruct")
+def reconstruct_cmd(
+    inputs: Annotated[str, typer.Argument(help="Images (folder/glob/list) or a codes file (.npz).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the PNGs and grid.")] = Path("recon"),
+    model: ModelOpt = None,
+    batch_size: BatchOpt = 16,
+    strict: StrictOpt = False,
+    max_grid: Annotated[int, typer.Option("--max-grid", help="Rows in grid.png.")] = 16,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Images or a codes file -> reconstructed PNGs, plus an original | reconstruction grid."""
+    from tokenflow_cli.cli.progress import image_progress
+    from tokenflow_cli.data.images import ImageLoadError
+    from tokenflow_cli.tokenizer.reconstruct import reconstruct_codes_file, reconstruct_images
+
+    resolved = _load_model(model, device)
+    is_codes = inputs.endswith(".npz") and Path(inputs).is_file()
+    paths = [] if is_codes else _list_inputs(inputs)
+    total = 0 if is_codes else len(paths)
+    with image_progress(total, "reconstruct") as update:
+        try:
+            if is_codes:
+                result = reconstruct_codes_file(resolved, Path(inputs), output, batch_size, max_grid, update)
+            else:
+                result = reconstruct_images(resolved, paths, output, batch_size, strict, max_grid, update)
+        except (ImageLoadError, ValueError) as err:
+            raise fail(str(err)) from None
+    _report_failures(result.failures, strict)
+    psnr = f", PSNR {result.psnr:.2f} dB vs originals" if result.psnr is not None else ""
+    console.print(f"wrote {result.n_images} reconstructions to [bold]{output}[/]{psnr}; grid: {result.grid_path}")
+
+
+RunDirOpt = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Run folder (checkpoints, logs); default runs/<model.name>.")
+]
+OptionalSeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (default: train.seed).")]
+StepsOpt = Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default: train.steps).")]
+
+
+@app.command("train-tokenizer")
+def train_tokenizer_cmd(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    output: RunDirOpt = None,
+    resume: ResumeOpt = True,
+    device: DeviceOpt = "auto",
+    seed: OptionalSeedOpt = None,
+    steps: StepsOpt = None,
+) -> None:
+    """Train the tokenizer; live losses and codebook usage per scale. Runs under torchrun as DDP.
+
+    Resumes automatically when the run folder holds a checkpoint (--no-resume starts over).
+    """
+    from tokenflow_cli.config import ConfigError, load_recipe
+    from tokenflow_cli.data.images import ImageSourceError
+    from tokenflow_cli.eval.image_metrics import MissingLpipsBackboneError
+    from tokenflow_cli.tokenizer.config import TokenizerRecipe
+    from tokenflow_cli.tokenizer.stage import train_tokenizer
+    from tokenflow_cli.train.loop import NonFiniteLossError
+    from tokenflow_cli.weights import MissingWeightsError
+
+    extra = [*(overrides or []), *([f"train.seed={seed}"] if seed is not None else []),
+             *([f"train.steps={steps}"] if steps is not None else [])]
+    try:
+        resolved = load_recipe(recipe, TokenizerRecipe, overrides=extra)
+    except ConfigError as err:
+        raise fail(str(err)) from None
+    run_dir = output or Path("runs") / resolved.model.name
+    try:
+        result = train_tokenizer(resolved, run_dir, device=device, resume=resume)
+    except (ConfigError, ImageSourceError, MissingLpipsBackboneError, MissingWeightsError) as err:
+        raise fail(str(err)) from None
+    except NonFiniteLossError as err:
+        raise fail(str(err), code=3) from None
+    finally:
+        from tokenflow_cli.distributed import cleanup
+
+        cleanup()
+    if result.rank != 0:  # under torchrun rank 0 reports
+        return
+    ev = result.last_eval
+    figures = f"PSNR {ev['psnr']:.2f} dB, codebook usage {ev['usage']:.1%} (held-out) " if "psnr" in ev else ""
+    state = "stopped early at" if result.stopped_early else "finished"
+    console.print(f"{state} step {result.step}: {figures}{result.images_per_s:.1f} images/s; "
+                  f"weights [bold]{run_dir / 'model.safetensors'}[/]")

@@ -1,0 +1,148 @@
+"""The understanding model's commands: `ask` and `finetune-llava`, thin layers over
+tokenflow_cli.understanding (pipeline, stage). `eval vqa` is in eval_cmd.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tokenflow_cli.cli.common import (
+    DeviceOpt,
+    RecipeArg,
+    ResumeOpt,
+    SeedOpt,
+    SetOpt,
+    app,
+    console,
+    err_console,
+    fail,
+    quiet_transformers,
+)
+
+LlavaModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Understanding model folder or finetune run folder "
+        "(default: $TOKENFLOW_LLAVA or ~/.cache/tokenflow/llava).",
+    ),
+]
+TokenizerOpt = Annotated[
+    str | None, typer.Option("--tokenizer", help="Tokenizer checkpoint to use instead of the one the model names.")
+]
+
+
+def load_for_inference(model: str | None, tokenizer: str | None, device: str):
+    from tokenflow_cli.device import resolve_device
+    from tokenflow_cli.understanding.pipeline import load_understanding
+
+    quiet_transformers()
+    try:
+        loaded = load_understanding(model, resolve_device(device), tokenizer)
+    except (FileNotFoundError, ValueError) as err:
+        raise fail(str(err)) from None
+    for warning in loaded.warnings:
+        err_console.print(f"[bold yellow]warning:[/] {warning}")
+    return loaded
+
+
+@app.command("ask")
+def ask_cmd(
+    image: Annotated[Path, typer.Argument(help="Image file.")],
+    question: Annotated[str, typer.Argument(help="Question about the image.")],
+    model: LlavaModelOpt = None,
+    tokenizer: TokenizerOpt = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer in tokens.")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy; > 0 samples.")] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Answer a question about an image, streaming the answer as it is generated."""
+    import torch
+
+    from tokenflow_cli.data.images import ImageLoadError
+
+    loaded = load_for_inference(model, tokenizer, device)
+    try:
+        visual_1NC = loaded.visual_tokens([image])
+    except ImageLoadError as err:
+        raise fail(str(err)) from None
+    generator = torch.Generator(visual_1NC.device).manual_seed(seed) if temperature > 0 else None
+    start = time.perf_counter()
+    pieces = []
+    for piece in loaded.model.stream_answer(visual_1NC, question, max_new_tokens, temperature, generator):
+        pieces.append(piece)
+        if not as_json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    answer = "".join(pieces)
+    if not as_json:
+        sys.stdout.write("\n")
+        return
+    record = {
+        "image": str(image),
+        "question": question,
+        "answer": answer,
+        "model": str(loaded.model_dir),
+        "tokenizer": loaded.tokenizer_source,
+        "features": loaded.model.config.features,
+        "temperature": temperature,
+        "seconds": round(time.perf_counter() - start, 3),
+        "warnings": loaded.warnings,
+    }
+    console.print_json(json.dumps(record))
+
+
+@app.command("finetune-llava")
+def finetune_llava_cmd(
+    recipe: RecipeArg,
+    stage: Annotated[int, typer.Option("--stage", help="1: projector only; 2: LLM + projector.")] = 1,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Run folder (default runs/llava-stage<N>).")
+    ] = None,
+    init: Annotated[
+        str | None, typer.Option("--init", help="Start from this model or run folder (stage 2: the stage-1 run).")
+    ] = None,
+    set_: SetOpt = None,
+    resume: ResumeOpt = True,
+    device: DeviceOpt = "auto",
+) -> None:
+    """LLaVA-style finetuning on frozen TokenFlow features (checkpoints, resume, torchrun)."""
+    from tokenflow_cli.config import ConfigError, load_recipe
+    from tokenflow_cli.understanding.config import LlavaRecipe, validate
+    from tokenflow_cli.understanding.stage import finetune_llava
+
+    if stage not in (1, 2):
+        raise fail(f"--stage must be 1 or 2, got {stage}")
+    overrides = list(set_ or []) + ([f"model.init={init}"] if init else [])
+    try:
+        parsed = load_recipe(recipe, LlavaRecipe, overrides)
+        validate(parsed)
+    except ConfigError as err:
+        raise fail(str(err)) from None
+    run_dir = output or Path("runs") / f"llava-stage{stage}"
+    quiet_transformers()
+    try:
+        result, final = finetune_llava(parsed, stage, run_dir, device=device, resume=resume)
+    except (FileNotFoundError, ConfigError, ValueError) as err:
+        raise fail(str(err)) from None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # rank 0 reports under torchrun
+    last = result.history[-1] if result.history else {}
+    figures = [f"loss {last['loss']:.4g}"] if "loss" in last else []
+    figures += [f"{k} {v:.4g}" for k, v in result.last_eval.items() if k != "step"]
+    console.print(
+        f"stage {stage}: {result.step} steps in {result.seconds:.0f}s" + (f" ({', '.join(figures)})" if figures else "")
+    )
+    if final is not None:
+        console.print(f"model: [bold]{final}[/] (transformers format; `tokenflow ask IMAGE Q --model {run_dir}`)")
+    else:
+        console.print(f"stopped early; resume with the same command (checkpoint {result.checkpoint})")

@@ -1,0 +1,81 @@
+"""Config dataclasses for the text-to-image generator (`train-generator`, `generate`,
+`eval geneval`), loaded with `config.load_recipe(path, GeneratorRecipe)`.
+
+Sections: `model` (GeneratorModelConfig), `data` (GeneratorDataConfig), `train`
+(config.TrainConfig, shared with every other stage) and `eval` (GeneratorEvalConfig).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenflow_cli.config import TrainConfig, register_recipe_kind
+
+
+@dataclass
+class GeneratorModelConfig:
+    """Next-scale text-to-image LM on a transformers decoder-only model (Llama by default)."""
+
+    name: str = "generator"  # free-form identifier stored in checkpoints
+    # The language model: a local Hugging Face folder (loaded with local_files_only=True, as the
+    # official recipe initialises from Llama-2-7B), or "" to build `lm_arch` from the fields below.
+    lm_path: str = ""
+    lm_arch: str = "llama"  # architecture built from scratch when lm_path is "" (see generator.LM_ARCHS)
+    lm_dtype: str = "fp32"  # weights dtype of a pretrained LM: "fp32", "bf16" or "fp16"
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32  # < num_heads gives grouped-query attention
+    intermediate_size: int = 11008  # SwiGLU width
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    text_vocab_size: int = 32000  # set from the text tokenizer by train-generator
+    attn_implementation: str = "sdpa"  # "sdpa" or "eager": both take our 4D block-causal mask
+    gradient_checkpointing: bool = False  # trade compute for memory in the LM blocks (training)
+    max_text_tokens: int = 64  # prompts are left-padded (or truncated) to this many tokens
+    # The image tokenizer's code space (copied from its config; checked when attached).
+    scales: tuple[int, ...] = (1, 2, 4, 6, 8, 10, 12, 14, 16)
+    codebook_size: int = 32768  # K: logits are over these image codes (a separate head)
+    code_dim: int = 40  # width of one code vector (semantic + pixel)
+    init_std: float = 0.02  # std of the new parts (projectors, embeddings, head)
+    # Multi-step sampling re-predicts a scale with its draft fed back (generator.py docstring).
+    # Training teaches that mode on a share of batches with corrupted ground-truth drafts.
+    refine_prob: float = 0.5  # share of training batches that add one refine block
+    refine_noise: float = 0.5  # a draft's codes are replaced at random with rate ~ U(0, this)
+
+
+@dataclass
+class GeneratorDataConfig:
+    """Captioned images: a codes file from `tokenize` (images encoded once) or an image folder."""
+
+    codes: str = ""  # codes .npz (or a shard glob) from `tokenflow tokenize`; preferred
+    images: str = ""  # image folder / glob / list, encoded with `tokenizer` on the fly if no codes
+    captions: str = ""  # .jsonl with {"image", "caption"}; matched to codes/images by path
+    caption_fields: tuple[str, ...] = ("caption",)  # each item uses one of these, drawn at random
+    tokenizer: str = ""  # image tokenizer checkpoint or run folder ("" = the default tokenizer)
+    text_tokenizer: str = ""  # tokenizer.json / HF folder; "" = train a BPE on the captions
+    text_vocab_size: int = 1024  # vocabulary of the BPE trained on the captions
+    caption_dropout: float = 0.1  # share of captions replaced by "" (or a negative prompt) for CFG
+    negative_prompts: tuple[str, ...] = ()  # dropped captions become one of these when given
+    image_size: int = 256  # resize/centre-crop size when encoding images on the fly
+    num_workers: int = 0
+
+
+@dataclass
+class GeneratorEvalConfig:
+    batch_size: int = 8
+    samples_per_prompt: int = 4  # GenEval draws 4 images per prompt
+    schedule: str = "two-pass"  # preset name or "k:p,k:p"
+    cfg: float = 3.0  # guidance strength at the last scale (linear ramp from 0)
+    temperature: float = 1.0
+    seed: int = 0
+    limit: int = 0  # prompts used (0 = all)
+
+
+@register_recipe_kind("generator")
+@dataclass
+class GeneratorRecipe:
+    model: GeneratorModelConfig = field(default_factory=GeneratorModelConfig)
+    data: GeneratorDataConfig = field(default_factory=GeneratorDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: GeneratorEvalConfig = field(default_factory=GeneratorEvalConfig)

@@ -1,1 +1,0 @@
-"""Model modules: pixel/semantic encoders and decoders, quantizer, tokenizer, generator, LLaVA."""

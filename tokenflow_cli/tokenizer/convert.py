@@ -1,0 +1,384 @@
+"""Import a released official TokenFlow tokenizer (`.pt`) into our safetensors checkpoint.
+
+The official files are pickles: `{"model": state_dict, "ema": ..., "args": argparse.Namespace,
+"steps": int, "optimizer": ..., ...}`. They are read with `torch.load(weights_only=True)` with
+exactly one extra class allowed (`argparse.Namespace`), so no pickled code ever runs.
+
+Every official key is renamed by a prefix table (`KEY_RENAMES`) onto our modules, every shape is
+checked against our model built on the meta device, and the conversion fails listing every key
+left over on either side. The few official entries we deliberately do not carry are listed with
+their reason in `NOT_CARRIED`; our entries with no official counterpart in `FRESH`. The written
+checkpoint carries the variant's recipe (a `ModelConfig`) in its metadata, so `load_tokenizer`
+rebuilds it. Layout facts: shared/official/README.md; decisions: docs/CONVERT.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tokenflow_cli.checkpoint import save_weights
+from tokenflow_cli.config import load_recipe, to_dict
+from tokenflow_cli.tokenizer.config import ModelConfig, TokenizerRecipe
+from tokenflow_cli.tokenizer.model import TokenFlowTokenizer
+
+# --------------------------------------------------------------------------------------------
+# Variants and key tables
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OfficialVariant:
+    recipe: str  # built-in recipe with the official architecture
+    description: str
+    name: str  # stored as ModelConfig.name (shows up in codes files)
+
+
+OFFICIAL_VARIANTS: dict[str, OfficialVariant] = {
+    "clipb-256-enhanced": OfficialVariant(
+        "clipb-256",
+        "CLIP ViT-B/16 teacher run at 256 px (interpolated positions), enhanced decoder: "
+        "tokenflow_clipb_32k_enhanced.pt, the text-to-image tokenizer",
+        "official-clipb-256-enhanced",
+    ),
+    "clipb-224": OfficialVariant(
+        "clipb-224", "CLIP ViT-B/16 teacher at 224 px, standard decoder", "official-clipb-224"
+    ),
+    "siglip-384": OfficialVariant(
+        "siglip-384",
+        "SigLIP-so400m teacher at 384 px: tokenflow_siglip_32k.pt (TokenFlow-XL), the understanding tokenizer",
+        "official-siglip-384",
+    ),
+}
+
+# Official prefix -> our prefix, first match wins. The SigLIP tower was saved with transformers
+# 4.43, which nests it under `vision_model.`; our tower module is that inner level.
+KEY_RENAMES: tuple[tuple[str, str], ...] = (
+    ("encoder_vqkd.vision_model.", "semantic_encoder.tower."),
+    ("encoder_vqkd.", "semantic_encoder.tower."),
+    ("decoder_vqkd.", "semantic_decoder."),
+    ("encode_task_layer.", "semantic_proj."),
+    ("decode_task_layer.", "semantic_head."),
+    ("encoder.", "pixel_encoder."),
+    ("decoder.", "pixel_decoder."),
+    ("quant_conv.", "quant_conv."),
+    ("post_quant_conv.", "post_quant_conv."),
+    ("quantize.embedding_vqkd.", "quantizer.semantic_codebook."),
+    ("quantize.embedding_vqgan.", "quantizer.pixel_codebook."),
+)
+
+# Official entries with no counterpart in our model, and why that loses nothing at inference.
+NOT_CARRIED: dict[str, str] = {
+    "quantize.codebook_used": "training-time record of used codes; affects no output "
+    "(our usage statistics start fresh in quantizer.usage_counts)",
+    "scaling_layer.shift": "SigLIP input constant 0.5 (checked); semantic_encoder.input_norm='clamp' applies it",
+    "scaling_layer.scale": "SigLIP input constant 0.5 (checked); semantic_encoder.input_norm='clamp' applies it",
+}
+
+# Our entries with no official counterpart: written as zeros (a fresh model's values).
+FRESH: dict[str, str] = {
+    "quantizer.usage_counts": "per-scale code usage counts (statistics)",
+    "quantizer.last_used_step": "dead-code restart bookkeeping",
+    "quantizer.step": "training step counter of the quantizer",
+}
+
+# Config values the official encode path implies; a converted model must use them to reproduce
+# the official indices (checked, so a custom --recipe cannot silently differ).
+PARITY_BY_BACKEND: dict[str, dict[str, object]] = {
+    "open_clip": {"input_norm": "none", "feature_layer": -1, "quick_gelu": True},
+    "hf_siglip": {"input_norm": "clamp", "feature_layer": -2},
+}
+PARITY_QUANTIZER: dict[str, object] = {
+    "l2_normalize": True,
+    "pixel_weight": 1.0,
+    "use_semantic": True,
+    "downsample_mode": "area",
+    "upsample_mode": "bicubic",
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ENTRY_ORDER = ("ema", "model", "state_dict")  # the official loaders' order
+
+
+class ConversionError(ValueError):
+    """The file cannot become one of our checkpoints; the message lists every problem."""
+
+
+@dataclass
+class ConversionReport:
+    source: str
+    entry: str  # "ema", "model", "state_dict" or "bare state dict"
+    other_entries: list[str]  # top-level entries not used (optimizer, discriminator, ...)
+    variant: str
+    variant_reason: str  # "given" or what the guess was based on
+    dtype: str
+    official_keys: int
+    written_keys: int
+    parameters: int  # elements of floating tensors written
+    not_carried: dict[str, str]  # official key -> reason
+    fresh: dict[str, str]  # our key -> reason
+    notes: list[str] = field(default_factory=list)
+    stripped_module_prefix: int = 0
+    steps: int | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the official file
+# --------------------------------------------------------------------------------------------
+
+
+def _torch_load(path: Path) -> object:
+    """weights_only load allowing `argparse.Namespace` only; memory-mapped when possible."""
+    use_mmap = zipfile.is_zipfile(path)  # the new torch.save format; legacy files cannot mmap
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = found.group(1) if found else str(err).strip().splitlines()[-1]
+        raise ConversionError(
+            f"{path}: refused to unpickle {what}: only tensors, plain containers and argparse.Namespace "
+            "are accepted (the file is never executed)"
+        ) from None
+
+
+def _is_state_dict(obj: object) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
+
+
+def pick_state_dict(obj: object, source: str = "<checkpoint>") -> tuple[dict[str, torch.Tensor], str, list[str]]:
+    """`ema` if present, else `model`, else `state_dict`, else the object itself if it is a bare
+    state dict. Returns (state dict, entry used, other top-level entries)."""
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{source}: expected a dict at top level, found {type(obj).__name__}")
+    for entry in ENTRY_ORDER:
+        if _is_state_dict(obj.get(entry)):
+            return dict(obj[entry]), entry, sorted(str(k) for k in obj if k != entry)
+    if _is_state_dict(obj):
+        return dict(obj), "bare state dict", []
+    raise ConversionError(
+        f"{source}: no state dict found under {list(ENTRY_ORDER)} and the file is not a bare state dict "
+        f"(top-level entries: {sorted(str(k) for k in obj)})"
+    )
+
+
+def strip_module_prefix(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """Drop DistributedDataParallel's leading `module.` (possibly repeated) from every key."""
+    out, stripped = {}, 0
+    for key, value in sd.items():
+        new = key
+        while new.startswith("module."):
+            new = new[len("module.") :]
+        stripped += new != key
+        if new in out:
+            raise ConversionError(f"both {key!r} and another key become {new!r} after stripping `module.`")
+        out[new] = value
+    return out, stripped
+
+
+def load_official(path: str | Path) -> tuple[dict[str, torch.Tensor], str, list[str], int | None]:
+    """(state dict with `module.` stripped, entry used, other entries, training steps or None)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"official checkpoint not found: {path}")
+    obj = _torch_load(path)
+    sd, entry, others = pick_state_dict(obj, str(path))
+    steps = obj.get("steps") if isinstance(obj, Mapping) else None
+    return sd, entry, others, steps if isinstance(steps, int) else None
+
+
+# --------------------------------------------------------------------------------------------
+# Variant, config and key map
+# --------------------------------------------------------------------------------------------
+
+
+def guess_variant(sd: Mapping[str, torch.Tensor]) -> tuple[str, str]:
+    """(variant, reason) from the keys: a SigLIP tower, or CLIP with the decoder's width."""
+    if any(k.startswith(("encoder_vqkd.vision_model.", "encoder_vqkd.embeddings.")) for k in sd):
+        return "siglip-384", "keys encoder_vqkd.vision_model.* (SigLIP tower)"
+    if "encoder_vqkd.conv1.weight" not in sd or "decoder.conv_out.weight" not in sd:
+        raise ConversionError(
+            "cannot tell the variant: no encoder_vqkd.conv1.weight (CLIP) or encoder_vqkd.vision_model.* (SigLIP) "
+            "and decoder.conv_out.weight; pass --variant"
+        )
+    width = sd["decoder.conv_out.weight"].shape[1]
+    reason = f"CLIP tower, pixel decoder output width {width}"
+    if width == 256:
+        return "clipb-256-enhanced", reason + " (enhanced decoder)"
+    if width == 128:
+        return "clipb-224", reason + " (standard decoder)"
+    raise ConversionError(f"{reason}: neither the standard (128) nor the enhanced (256) decoder; pass --variant")
+
+
+def variant_config(variant: str) -> ModelConfig:
+    """The official architecture of a variant, from its built-in recipe."""
+    if variant not in OFFICIAL_VARIANTS:
+        raise ConversionError(f"unknown variant {variant!r}; choose one of {sorted(OFFICIAL_VARIANTS)}")
+    spec = OFFICIAL_VARIANTS[variant]
+    cfg = load_recipe(spec.recipe, TokenizerRecipe).model
+    return dataclasses.replace(cfg, name=spec.name)
+
+
+def parity_problems(cfg: ModelConfig) -> list[str]:
+    """Config values that would make a converted model's encode differ from the official one."""
+    problems = []
+    enc = cfg.semantic_encoder
+    for name, want in PARITY_BY_BACKEND.get(enc.backend, {}).items():
+        if getattr(enc, name) != want:
+            problems.append(f"model.semantic_encoder.{name}={getattr(enc, name)!r} (official: {want!r})")
+    for name, want in PARITY_QUANTIZER.items():
+        if getattr(cfg.quantizer, name) != want:
+            problems.append(f"model.quantizer.{name}={getattr(cfg.quantizer, name)!r} (official: {want!r})")
+    return problems
+
+
+def official_to_ours(key: str) -> str | None:
+    """Our state-dict key for an official one, or None when no rename rule applies."""
+    for official, ours in KEY_RENAMES:
+        if key.startswith(official):
+            return ours + key[len(official) :]
+    return None
+
+
+def expected_layout(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Our tokenizer's state-dict keys, shapes and dtypes, built on the meta device (no memory)."""
+
+    build = dataclasses.replace(cfg, semantic_encoder=dataclasses.replace(cfg.semantic_encoder, pretrained=""))
+    with torch.device("meta"):
+        model = TokenFlowTokenizer(build)
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------------
+
+
+def _check_scaling_layer(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> list[str]:
+    """The SigLIP scaling buffers must hold the constants our `clamp` input norm applies."""
+    keys = [k for k in ("scaling_layer.shift", "scaling_layer.scale") if k in sd]
+    if not keys:
+        return []
+    if cfg.semantic_encoder.input_norm != "clamp":
+        raise ConversionError("the file has a scaling_layer but the config's semantic input_norm is not 'clamp'")
+    values = {k: [round(float(x), 6) for x in sd[k].float().flatten()] for k in keys}
+    if any(v != [0.5, 0.5, 0.5] for v in values.values()):
+        raise ConversionError(
+            f"scaling_layer values {values} differ from the (0.5, 0.5) our 'clamp' input norm applies"
+        )
+    shown = ", ".join(f"{k.split('.')[-1]}={tuple(v)}" for k, v in values.items())
+    return [f"scaling_layer {shown}: stored, not needed (input_norm='clamp' applies the same constants)"]
+
+
+def _unused_tower_note(cfg: ModelConfig, layout: Mapping[str, tuple]) -> list[str]:
+    """Tower entries carried but not run by encode (SigLIP: last layer, post_layernorm, head)."""
+    if cfg.semantic_encoder.feature_layer == -1:
+        return []
+    n_layers = len({k.split(".")[4] for k in layout if k.startswith("semantic_encoder.tower.encoder.layers.")})
+    first_unused = n_layers + cfg.semantic_encoder.feature_layer + 1
+    prefixes = [f"semantic_encoder.tower.encoder.layers.{i}." for i in range(first_unused, n_layers)]
+    prefixes += ["semantic_encoder.tower.post_layernorm.", "semantic_encoder.tower.head."]
+    count = sum(math.prod(shape) for k, (shape, _) in layout.items() if k.startswith(tuple(prefixes)))
+    return [
+        f"carried but unused by encode: tower layers {first_unused}..{n_layers - 1}, post_layernorm, head "
+        f"({count:,} parameters; features are the output of layer {first_unused - 1})"
+    ]
+
+
+def convert_state_dict(
+    official: Mapping[str, torch.Tensor], cfg: ModelConfig, dtype: str = "float32"
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Official state dict -> ours (in our key order) and notes; raises listing every problem."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    problems = [f"config would not reproduce the official encode: {p}" for p in parity_problems(cfg)]
+    layout = expected_layout(cfg)
+    mapped: dict[str, torch.Tensor] = {}
+    unmapped, bad_shape = [], []
+    for key, value in official.items():
+        if key in NOT_CARRIED:
+            continue
+        ours = official_to_ours(key)
+        if ours is None or ours not in layout:
+            unmapped.append(key if ours is None else f"{key} (-> {ours}, not in our model)")
+        elif ours in mapped:
+            unmapped.append(f"{key} (-> {ours}, already filled by another key)")
+        elif tuple(value.shape) != layout[ours][0]:
+            bad_shape.append(f"{key}: {tuple(value.shape)} vs ours {ours}: {layout[ours][0]}")
+        else:
+            mapped[ours] = value
+    missing = [k for k in layout if k not in mapped and k not in FRESH]
+    for title, items in (
+        ("official keys with no place in our model", unmapped),
+        ("shape mismatches", bad_shape),
+        ("our keys the file does not fill", missing),
+    ):
+        if items:
+            problems.append(f"{title} ({len(items)}):\n    " + "\n    ".join(items))
+    if problems:
+        raise ConversionError("cannot convert:\n  " + "\n  ".join(problems))
+    notes = _check_scaling_layer(official, cfg) + _unused_tower_note(cfg, layout)
+    target = DTYPES[dtype]
+    out = {}
+    for key, (shape, our_dtype) in layout.items():
+        if key in mapped:
+            value = mapped[key]
+            out[key] = value.to(target) if value.is_floating_point() else value.to(our_dtype)
+        else:
+            out[key] = torch.zeros(shape, dtype=our_dtype)
+    return out, notes
+
+
+def convert_checkpoint(
+    source: str | Path,
+    output: str | Path,
+    variant: str | None = None,
+    config: ModelConfig | None = None,
+    dtype: str = "float32",
+) -> ConversionReport:
+    """Read an official `.pt`, convert, and write our `.safetensors` (atomically).
+
+    `config` replaces the variant's recipe (e.g. a reduced or custom-trained official model);
+    the variant is then only a label ("custom" when not given).
+    """
+
+    official, entry, others, steps = load_official(source)
+    official, stripped = strip_module_prefix(official)
+    if variant is not None:
+        reason = "given"
+    elif config is not None:
+        variant, reason = "custom", "architecture from the given recipe"
+    else:
+        variant, reason = guess_variant(official)
+    cfg = config if config is not None else variant_config(variant)
+    try:
+        ours, notes = convert_state_dict(official, cfg, dtype)
+    except ConversionError as err:
+        raise ConversionError(f"{source} as variant {variant} ({reason}): {err}") from None
+    extra = {"converted_from": Path(source).name, "official_entry": entry, "official_variant": variant}
+    save_weights(ours, Path(output), to_dict(cfg), kind="tokenizer", extra=extra)
+    return ConversionReport(
+        source=str(source),
+        entry=entry,
+        other_entries=others,
+        variant=variant,
+        variant_reason=reason,
+        dtype=dtype,
+        official_keys=len(official),
+        written_keys=len(ours),
+        parameters=sum(v.numel() for v in ours.values() if v.is_floating_point()),
+        not_carried={k: NOT_CARRIED[k] for k in official if k in NOT_CARRIED},
+        fresh={k: FRESH[k] for k in ours if k in FRESH},
+        notes=notes,
+        stripped_module_prefix=stripped,
+        steps=steps,
+    )

@@ -1,0 +1,225 @@
+"""TokenFlowTokenizer: two encoders, one shared index, a multi-scale pyramid, two decoders.
+
+    image ─┬─ semantic tower ─ semantic_proj (Linear-Tanh-Linear) ─┐  (B, d_sem, h, w)
+           └─ pixel encoder ─ quant_conv (1x1) ────────────────────┴─ concat ─ quantizer
+    quantized ─┬─ semantic half ─ semantic_decoder (ViT) ─ semantic_head ─> teacher space
+               └─ pixel half ─ post_quant_conv ─ pixel decoder ─> image
+
+The frozen teacher is not part of this module (the training step owns it), so a checkpoint
+holds exactly what inference needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenflow_cli.checkpoint import load_state, resolve_weights_path
+from tokenflow_cli.config import from_dict
+from tokenflow_cli.tokenizer.config import ModelConfig
+from tokenflow_cli.tokenizer.pixel import PixelDecoder, PixelEncoder, downsample_factor
+from tokenflow_cli.tokenizer.quantizer import MultiScaleDualQuantizer
+from tokenflow_cli.tokenizer.scales import ScaleLayout
+from tokenflow_cli.tokenizer.semantic import SemanticDecoder, SemanticEncoder, task_layer
+
+
+@dataclass
+class MultiScaleCodes:
+    """Shared indices of one batch, scales concatenated coarse to fine (row-major per scale)."""
+
+    indices: torch.Tensor  # (B, L) int64
+    scales: tuple[int, ...]
+
+    def per_scale(self) -> list[torch.Tensor]:
+        """[(B, s, s) for each scale]."""
+        return ScaleLayout(self.scales).maps(self.indices)
+
+
+@dataclass
+class TokenizerOutput:
+    reconstruction: torch.Tensor  # (B, 3, H, W) in about [-1, 1]
+    features: torch.Tensor  # (B, C, h, w) continuous map before quantization
+    quantized: torch.Tensor  # (B, C, h, w) summed codes (straight-through in training)
+    semantic_pred: torch.Tensor | None  # (B, h*w, T) prediction of the teacher's tokens
+    codebook_loss: torch.Tensor
+    commit_loss: torch.Tensor
+    entropy_loss: torch.Tensor
+    codes: MultiScaleCodes
+
+
+class TokenFlowTokenizer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        q = cfg.quantizer
+        self.pixel_encoder = PixelEncoder(cfg.pixel)
+        self.quant_conv = nn.Conv2d(cfg.pixel.z_channels, q.pixel_dim, 1)
+        self.semantic_encoder = SemanticEncoder(cfg.semantic_encoder, cfg.image_size)
+        width = self.semantic_encoder.width
+        self.semantic_proj = task_layer(width, width, q.semantic_dim)
+        self.quantizer = MultiScaleDualQuantizer(q)
+        self.post_quant_conv = nn.Conv2d(q.pixel_dim, cfg.pixel.z_channels, 1)
+        self.pixel_decoder = PixelDecoder(cfg.pixel)
+        dec_width = cfg.semantic_decoder.width
+        self.semantic_decoder = SemanticDecoder(cfg.semantic_decoder, q.semantic_dim)
+        self.semantic_head = task_layer(dec_width, dec_width, cfg.teacher.dim)
+        self._check_grids()
+
+    def _check_grids(self) -> None:
+        cfg = self.config
+        pixel_grid = self.pixel_size // downsample_factor(cfg.pixel)
+        semantic_grid = self.semantic_encoder.grid_size(cfg.image_size)
+        if not (pixel_grid == semantic_grid == self.grid):
+            raise ValueError(
+                f"grids disagree: pixel branch {pixel_grid}, semantic branch {semantic_grid}, "
+                f"last scale {self.grid} (image_size {cfg.image_size}, pixel_input_size {self.pixel_size})"
+            )
+
+    # ---- facts --------------------------------------------------------------------------
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        return tuple(self.config.quantizer.scales)
+
+    @property
+    def grid(self) -> int:
+        return self.scales[-1]
+
+    @property
+    def num_tokens(self) -> int:
+        return ScaleLayout(self.scales).num_tokens
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.quantizer.codebook_size
+
+    @property
+    def code_dim(self) -> int:
+        return self.quantizer.code_dim
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def pixel_size(self) -> int:
+        return self.config.pixel_input_size or self.config.image_size
+
+    # ---- encode -------------------------------------------------------------------------
+
+    def encode_features(self, img_B3HW: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] images -> continuous (B, d_sem + d_pix, h, w) map, semantic channels first."""
+        pix_in = img_B3HW
+        if self.pixel_size != img_B3HW.shape[-1]:
+            pix_in = F.interpolate(img_B3HW, size=(self.pixel_size, self.pixel_size), mode="bicubic")
+        f_pix = self.quant_conv(self.pixel_encoder(pix_in))
+        if self.config.quantizer.use_semantic:
+            f_tok = self.semantic_encoder(img_B3HW).permute(0, 2, 3, 1)  # (B, h, w, D)
+            f_sem = self.semantic_proj(f_tok).permute(0, 3, 1, 2)
+        else:  # ablation: the semantic half is off, the index comes from the pixel distance alone
+            B, _, h, w = f_pix.shape
+            f_sem = f_pix.new_zeros(B, self.config.quantizer.semantic_dim, h, w)
+        return torch.cat([f_sem.to(f_pix.dtype), f_pix], dim=1)
+
+    def img_to_codes(self, img_B3HW: torch.Tensor) -> MultiScaleCodes:
+        """Images -> shared multi-scale indices (never drops a scale)."""
+        was_training = self.quantizer.training
+        self.quantizer.eval()
+        try:
+            out = self.quantizer(self.encode_features(img_B3HW))
+        finally:
+            self.quantizer.train(was_training)
+        return MultiScaleCodes(torch.cat(out.indices, dim=1), self.scales)
+
+    # ---- decode -------------------------------------------------------------------------
+
+    def _indices(self, codes: MultiScaleCodes | torch.Tensor) -> torch.Tensor:
+        return codes.indices if isinstance(codes, MultiScaleCodes) else codes
+
+    def codes_to_features(self, codes: MultiScaleCodes | torch.Tensor) -> torch.Tensor:
+        """Indices -> the continuous final quantized map (B, C, h, w): the understanding input."""
+        return self.quantizer.indices_to_features(self._indices(codes), self.grid)
+
+    def codes_to_semantic_features(self, codes: MultiScaleCodes | torch.Tensor) -> torch.Tensor:
+        return self.codes_to_features(codes)[:, : self.config.quantizer.semantic_dim]
+
+    def codes_to_pixel_features(self, codes: MultiScaleCodes | torch.Tensor) -> torch.Tensor:
+        return self.codes_to_features(codes)[:, self.config.quantizer.semantic_dim :]
+
+    def features_to_img(self, f_BChw: torch.Tensor) -> torch.Tensor:
+        """Quantized map -> image via the pixel half (resized back for siglip's 432 branch)."""
+        f_pix = f_BChw[:, self.config.quantizer.semantic_dim :]
+        img = self.pixel_decoder(self.post_quant_conv(f_pix))
+        if img.shape[-1] != self.image_size:
+            img = F.interpolate(img, size=(self.image_size, self.image_size), mode="bicubic")
+        return img
+
+    def features_to_semantic(self, f_BChw: torch.Tensor) -> torch.Tensor:
+        """Quantized map -> predicted teacher tokens (B, h*w, T)."""
+        f_sem = f_BChw[:, : self.config.quantizer.semantic_dim]
+        return self.semantic_head(self.semantic_decoder(f_sem))
+
+    def codes_to_img(self, codes: MultiScaleCodes | torch.Tensor) -> torch.Tensor:
+        return self.features_to_img(self.codes_to_features(codes))
+
+    def lookup_codes(self, idx_Bl: torch.Tensor) -> torch.Tensor:
+        """(B, l) indices -> (B, l, C) normalised concatenated code vectors."""
+        return self.quantizer.lookup(idx_Bl)
+
+    def next_scale_inputs(self, codes: MultiScaleCodes | torch.Tensor) -> list[torch.Tensor]:
+        """Generator inputs for scales 1..N-1: [(B, s_k^2, C)] (scale 0 gets the start token)."""
+        return self.quantizer.next_scale_inputs(self._indices(codes), self.grid)
+
+    # ---- training / eval forward ----------------------------------------------------------
+
+    def forward(self, img_B3HW: torch.Tensor, decode_semantic: bool = True) -> TokenizerOutput:
+        f = self.encode_features(img_B3HW)
+        q = self.quantizer(f)
+        semantic_pred = None
+        if decode_semantic and self.config.quantizer.use_semantic:
+            semantic_pred = self.features_to_semantic(q.quantized)
+        indices = torch.cat(q.indices, dim=1)
+        return TokenizerOutput(
+            reconstruction=self.features_to_img(q.quantized),
+            features=f,
+            quantized=q.quantized,
+            semantic_pred=semantic_pred,
+            codebook_loss=q.codebook_loss,
+            commit_loss=q.commit_loss,
+            entropy_loss=q.entropy_loss,
+            codes=MultiScaleCodes(indices, self.scales),
+        )
+
+    @property
+    def random_init_parts(self) -> list[str]:
+        """Components whose pretrained weights were not loaded (to be said in output)."""
+        return ["semantic_encoder"] if getattr(self.semantic_encoder, "random_init", False) else []
+
+
+def build_tokenizer(cfg: ModelConfig) -> TokenFlowTokenizer:
+    return TokenFlowTokenizer(cfg)
+
+
+def load_tokenizer(path_or_dir: str, device: str | torch.device = "cpu") -> TokenFlowTokenizer:
+    """Rebuild a tokenizer from a checkpoint alone (its config travels in the metadata).
+
+    The semantic tower is built without its pretrained source (the checkpoint carries the
+    trained weights), so loading needs no teacher file and never downloads.
+    """
+
+    path = resolve_weights_path(path_or_dir)
+    state, meta = load_state(path, device="cpu")
+    if "config" not in meta or not str(meta.get("format", "")).endswith("/tokenizer"):
+        raise ValueError(f"{path} is not a tokenflow-cli tokenizer checkpoint (format={meta.get('format')!r})")
+    cfg = from_dict(ModelConfig, meta["config"], source=str(path))
+    build_cfg = dataclasses.replace(cfg, semantic_encoder=dataclasses.replace(cfg.semantic_encoder, pretrained=""))
+    tok = TokenFlowTokenizer(build_cfg)
+    tok.load_state_dict(state, strict=True)
+    tok.config = cfg
+    tok.semantic_encoder.random_init = False
+    tok.checkpoint_path = str(path)
+    return tok.to(device).eval()

@@ -1,0 +1,144 @@
+"""Library side of `tokenize` and `reconstruct`: model resolution, batched encoding with flat
+memory, atomic outputs. Progress is reported through a callback (the CLI draws it with Rich)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tokenflow_cli.config import load_recipe
+from tokenflow_cli.data.images import ImageDataset, collate_skip_bad
+from tokenflow_cli.fileio import file_sha256
+from tokenflow_cli.tokenizer.codes import write_codes
+from tokenflow_cli.tokenizer.config import TokenizerRecipe
+from tokenflow_cli.tokenizer.model import TokenFlowTokenizer, build_tokenizer, load_tokenizer
+from tokenflow_cli.weights import ASSETS_DIR, tokenflow_home  # small trained defaults shipped with the package
+
+PACKAGED_TOKENIZER = ASSETS_DIR / "tiny-tokenizer.safetensors"
+
+
+def default_tokenizer_candidates() -> list[Path]:
+    """Where the default tokenizer is looked for, in order."""
+    env = os.environ.get("TOKENFLOW_TOKENIZER")
+    out = [Path(env)] if env else []
+    return out + [tokenflow_home() / "tokenizer" / "model.safetensors", PACKAGED_TOKENIZER]
+
+
+@dataclass
+class ResolvedModel:
+    tokenizer: TokenFlowTokenizer
+    source: str  # a path, or a description of what was built
+    random_init: bool  # True when no trained weights were found: said in every output
+
+
+def resolve_tokenizer(model: str | None, device: torch.device) -> ResolvedModel:
+    """An explicit checkpoint/run folder/recipe, else the default tokenizer, else a clearly
+    labelled random-init tiny one."""
+    if model:
+        path = Path(model)
+        if path.is_dir() or path.suffix == ".safetensors":
+            tok = load_tokenizer(path, device)
+            return ResolvedModel(tok, tok.checkpoint_path, False)
+        recipe = load_recipe(model, TokenizerRecipe)  # a recipe name/file: build it untrained
+        return ResolvedModel(build_tokenizer(recipe.model).to(device).eval(), f"recipe {model} (random init)", True)
+    for candidate in default_tokenizer_candidates():
+        if candidate.is_file():
+            tok = load_tokenizer(candidate, device)
+            return ResolvedModel(tok, str(candidate), False)
+    torch.manual_seed(0)
+    tok = build_tokenizer(load_recipe("tiny", TokenizerRecipe).model).to(device).eval()
+    return ResolvedModel(tok, "tiny recipe, RANDOM INIT (no trained default found: run `make demo`)", True)
+
+
+def tokenizer_id(resolved: ResolvedModel) -> dict:
+    tok = resolved.tokenizer
+    info = {"tokenizer": tok.config.name, "tokenizer_source": resolved.source, "random_init": resolved.random_init}
+    if not resolved.random_init and Path(resolved.source).is_file():
+        info["tokenizer_sha256"] = file_sha256(resolved.source)
+    return info
+
+
+@dataclass
+class TokenizeResult:
+    output: Path
+    n_images: int
+    n_failed: int
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    usage_share: float = 0.0  # share of the codebook hit by the whole set
+
+    @property
+    def images_per_s(self) -> float:
+        return self.n_images / self.seconds if self.seconds > 0 else 0.0
+
+
+ProgressFn = Callable[[int, int, float], None]  # (images done incl. failures, failures, usage share)
+
+
+def iterate_batches(paths: list[Path], size: int, batch_size: int, workers: int, strict: bool):
+    """Yield (images (B,3,H,W) in [-1,1], paths, failures [(path, reason)]) per batch."""
+
+    dataset = ImageDataset(paths, size, train=False, strict=strict)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip_bad, shuffle=False
+    )
+    for batch in loader:
+        yield batch["image"], batch["path"], list(zip(batch["skipped"], batch["errors"]))
+
+
+@torch.no_grad()
+def tokenize_paths(
+    resolved: ResolvedModel,
+    paths: list[Path],
+    output: Path,
+    batch_size: int = 16,
+    workers: int = 0,
+    strict: bool = False,
+    progress: ProgressFn | None = None,
+    extra_meta: dict | None = None,
+) -> TokenizeResult:
+    """Encode images into a codes file. Indices go to an on-disk memmap, so memory stays flat
+    however many images there are; the final .npz is streamed from it and renamed into place."""
+    tok = resolved.tokenizer
+    device = next(tok.parameters()).device
+    L, K = tok.num_tokens, tok.codebook_size
+    hit = torch.zeros(K, dtype=torch.bool, device=device)
+    kept_paths: list[str] = []
+    failures: list[tuple[str, str]] = []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=Path(output).parent if Path(output).parent.exists() else None) as tmp:
+        rows = np.lib.format.open_memmap(
+            Path(tmp) / "indices.npy", mode="w+", dtype=np.int32, shape=(max(len(paths), 1), L)
+        )
+        n = 0
+        for img, batch_paths, failed in iterate_batches(paths, tok.image_size, batch_size, workers, strict):
+            failures.extend(failed)
+            if len(batch_paths):
+                idx = tok.img_to_codes(img.to(device)).indices
+                hit[idx.reshape(-1)] = True
+                rows[n : n + idx.shape[0]] = idx.cpu().numpy().astype(np.int32)
+                n += idx.shape[0]
+                kept_paths.extend(str(p) for p in batch_paths)
+            if progress:
+                progress(n + len(failures), len(failures), float(hit.float().mean()))
+        meta = {
+            "codebook_size": K,
+            "resolution": tok.image_size,
+            "code_dim": tok.code_dim,
+            "failed": len(failures),
+            **tokenizer_id(resolved),
+            **(extra_meta or {}),
+        }
+        rows.flush()
+        write_codes(Path(output), rows[:n], tok.scales, kept_paths, meta)
+        del rows
+    return TokenizeResult(
+        Path(output), n, len(failures), failures, time.perf_counter() - start, float(hit.float().mean())
+    )

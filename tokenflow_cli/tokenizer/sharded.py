@@ -1,0 +1,68 @@
+"""Tokenize across processes: under torchrun, rank r encodes paths[r::W] into its own shard and
+rank 0 merges the shards into the output (a single process writes the output directly)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+
+from tokenflow_cli.config import save_resolved
+from tokenflow_cli.distributed import barrier, cleanup, init_distributed
+from tokenflow_cli.tokenizer.codes import merge_codes, shard_name
+from tokenflow_cli.tokenizer.pipeline import tokenize_paths
+
+
+def tokenize_distributed(
+    resolved, paths: list[Path], output: Path, batch_size: int, workers: int, strict: bool, progress=None
+):
+    """One process: tokenize straight into `output`. Under torchrun: rank r takes paths[r::W],
+    writes its shard, and rank 0 merges the shards into `output` (and removes them).
+    Returns the result on rank 0 (failures and counts summed over ranks), None elsewhere."""
+    device_type = next(resolved.tokenizer.parameters()).device.type
+    info = init_distributed(device_type)
+    if not info.enabled:
+        result = tokenize_paths(resolved, paths, output, batch_size, workers, strict, progress)
+        _write_recipe_beside(resolved, output)
+        return result
+    shard = shard_name(output, info.rank, info.world_size)
+    result = tokenize_paths(
+        resolved,
+        paths[info.rank :: info.world_size],
+        shard,
+        batch_size,
+        workers,
+        strict,
+        progress if info.is_main else None,
+    )
+    gathered: list = [None] * info.world_size
+    dist.all_gather_object(gathered, (result.n_images, result.failures, result.seconds))
+    barrier()
+    try:
+        if not info.is_main:
+            return None
+        return _merge_on_main(resolved, output, result, gathered, info.world_size)
+    finally:
+        # every rank leaves the group cleanly: exiting with live gloo threads can abort
+        barrier()
+        cleanup()
+
+
+def _merge_on_main(resolved, output: Path, result, gathered: list, world: int):
+    shards = [shard_name(output, r, world) for r in range(world)]
+    merged = merge_codes(shards, output, delete=True)
+    result.output = Path(output)
+    result.n_images = len(merged)
+    result.failures = [f for _, fails, _ in gathered for f in fails]
+    result.n_failed = len(result.failures)
+    result.seconds = max(s for _, _, s in gathered)
+    _write_recipe_beside(resolved, output)
+    K = resolved.tokenizer.codebook_size
+    result.usage_share = len(np.unique(merged.indices)) / K if len(merged) else 0.0
+    return result
+
+
+def _write_recipe_beside(resolved, output: Path) -> None:
+    """codes.npz -> codes.recipe.yaml: the resolved tokenizer recipe next to the output."""
+    save_resolved(resolved.tokenizer.config, Path(output).with_suffix(".recipe.yaml"))
