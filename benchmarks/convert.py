@@ -1,9 +1,9 @@
 """`tokenflow convert` on full-size fabricated official checkpoints, and tokenize throughput.
 
 For each official variant: writes a file with exactly the listed keys and shapes (random values,
-from shared/official/*_keys.tsv) in the official layout, converts it in a fresh process and
-reports wall time and that process's peak resident memory (VmHWM; includes the memory-mapped
-source pages it touched and the ~0.5 GB of imported libraries, reported separately as
+from tests/data/*_keys.tsv, listed from the official checkpoints) in the official layout,
+converts it in a fresh process and reports wall time and that process's peak resident memory
+(VmHWM; includes the memory-mapped source pages it touched and the ~0.5 GB of imported libraries, reported separately as
 `baseline`). Then tokenizes random 256 px images with the converted clipb-256-enhanced model on
 CPU. Files go to a temporary folder that is deleted afterwards.
 
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "official"
+OFFICIAL = Path(__file__).resolve().parents[1] / "tests" / "data"
 TSV = {
     "clipb-224": "tokenflow_clipb224_keys.tsv",
     "clipb-256-enhanced": "tokenflow_clipb224_enhanced_keys.tsv",

@@ -1,7 +1,7 @@
 """Next-scale sampling speed: our KV cache against recomputing the whole sequence at every step
 (the official sampler), same model, same seed, same codes.
 
-Configs: `tiny` (recipes/generator-tiny.yaml over the tiny tokenizer's 7 scales, 521 tokens)
+Configs: `tiny` (tokenflow_cli/recipes/generator-tiny.yaml over the tiny tokenizer's 7 scales, 521 tokens)
 and `mid` (a 12-layer, 768-wide Llama over the clipb-256 scales, 817 tokens, K = 32768). The
 code space comes from a randomly initialised quantizer of that recipe: speed does not depend on
 the weights. Reports codes/s (image tokens generated per second, refine passes not counted) and
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from tokenflow_cli.config import load_recipe
-from tokenflow_cli.generation.config import GeneratorModelConfig, GeneratorRecipe
+from tokenflow_cli.generation.config import GeneratorModelConfig, GeneratorRecipe, attach_code_space
 from tokenflow_cli.generation.model import TextBatch, build_generator
 from tokenflow_cli.generation.sampling import get_schedule
 from tokenflow_cli.tokenizer.config import QuantizerConfig, TokenizerRecipe
@@ -51,12 +51,14 @@ class QuantizerEmbedder:
 
 
 def configs() -> dict[str, tuple[GeneratorModelConfig, QuantizerConfig]]:
-    tiny = load_recipe("generator-tiny", GeneratorRecipe).model
+    tiny_q = load_recipe("tiny", TokenizerRecipe).model.quantizer
+    tiny = attach_code_space(load_recipe("generator-tiny", GeneratorRecipe).model, tiny_q.scales,
+                             tiny_q.codebook_size, tiny_q.semantic_dim + tiny_q.pixel_dim)
     mid_q = load_recipe("clipb-256", TokenizerRecipe).model.quantizer
     mid = GeneratorModelConfig(name="mid", hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
                                intermediate_size=2048, text_vocab_size=1024, max_text_tokens=32,
                                scales=mid_q.scales, codebook_size=mid_q.codebook_size, code_dim=40)
-    return {"tiny": (tiny, load_recipe("tiny", TokenizerRecipe).model.quantizer), "mid": (mid, mid_q)}
+    return {"tiny": (tiny, tiny_q), "mid": (mid, mid_q)}
 
 
 def run_one(model, embedder, text, negative, schedule, use_cache: bool, seed: int, device):

@@ -374,7 +374,7 @@ def test_natural_crops_sizes_and_disjoint_splits(tmp_path):
 # CLI
 
 
-def test_cli_data_commands(tmp_path):
+def test_cli_data_commands(tmp_path, cli_error):
     from typer.testing import CliRunner
 
     import tokenflow_cli.cli.app  # noqa: F401  (registers every command)
@@ -390,3 +390,5 @@ def test_cli_data_commands(tmp_path):
     assert len(read_jsonl(tmp_path / "n" / "captions.jsonl")) == 3
     result = runner.invoke(app, ["data", "natural", "-n", "3", "-o", str(tmp_path / "m"), "--split", "test"])
     assert result.exit_code != 0
+    cli_error(result, "--split", "'test'", code=1)
+    assert not (tmp_path / "m").exists()

@@ -179,6 +179,47 @@ def tokenflow_home() -> Path:
     return Path(os.environ.get("TOKENFLOW_HOME", Path.home() / ".cache" / "tokenflow"))
 
 
+# --------------------------------------------------------------------------------------------
+# Default models: one lookup order and one run-folder convention for every kind
+# --------------------------------------------------------------------------------------------
+
+RUN_WEIGHTS_NAME = "model.safetensors"  # a run folder's weights (checkpoint.WEIGHTS_NAME)
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    """Where the default model of one kind is looked for when no --model is given, in order:
+    $env, then $TOKENFLOW_HOME/<home_name> (what `make demo` installs), then the small trained
+    model shipped in the package (tokenflow_cli/assets/<asset>). Each candidate is a run folder
+    (holding model.safetensors or the kind's own files) or a weights file. The caller puts an
+    explicit path first and falls back to a clearly labelled random-init model after the last."""
+
+    kind: str  # "tokenizer", "generator", "llava"
+    env: str  # environment variable naming a model
+    home_name: str  # run folder under TOKENFLOW_HOME
+    asset: str = ""  # run folder or file under ASSETS_DIR; "" = none shipped
+    markers: tuple[str, ...] = (RUN_WEIGHTS_NAME,)  # any of these in a folder makes it a model
+
+    def candidates(self) -> list[Path]:
+        env = os.environ.get(self.env)
+        shipped = [ASSETS_DIR / self.asset] if self.asset else []
+        return ([Path(env)] if env else []) + [tokenflow_home() / self.home_name, *shipped]
+
+    def find(self) -> Path | None:
+        """The first candidate that holds a model, or None."""
+        return next((c for c in self.candidates() if self.holds_model(c)), None)
+
+    def holds_model(self, path: Path) -> bool:
+        """A weights file, or a folder holding one of the kind's markers."""
+        return path.is_file() or any((path / name).exists() for name in self.markers)
+
+
+DEFAULT_TOKENIZER = DefaultModel("tokenizer", "TOKENFLOW_TOKENIZER", "tokenizer", "tiny-tokenizer.safetensors")
+DEFAULT_GENERATOR = DefaultModel("generator", "TOKENFLOW_GENERATOR", "generator", "tiny-generator")
+# an understanding model folder (llava.json), or a finetune run folder (final/, llava-base/)
+DEFAULT_LLAVA = DefaultModel("llava", "TOKENFLOW_LLAVA", "llava", markers=("llava.json", "final", "llava-base"))
+
+
 def torch_hub_checkpoints() -> Path:
     """torchvision/torch-fidelity's download cache: $TORCH_HOME/hub/checkpoints."""
 

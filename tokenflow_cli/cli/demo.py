@@ -141,16 +141,15 @@ def evaluate_step(ctx: DemoContext) -> None:
 def install_step(ctx: DemoContext) -> None:
     """Copy the trained tokenizer to the default location `tokenize` looks in first."""
     from tokenflow_cli.fileio import atomic_path
-    from tokenflow_cli.tokenizer.pipeline import default_tokenizer_candidates
-    from tokenflow_cli.weights import tokenflow_home
+    from tokenflow_cli.weights import DEFAULT_TOKENIZER, RUN_WEIGHTS_NAME, tokenflow_home
 
     if not ctx.install:
         return
-    target = tokenflow_home() / "tokenizer" / "model.safetensors"
+    target = tokenflow_home() / DEFAULT_TOKENIZER.home_name / RUN_WEIGHTS_NAME
     with atomic_path(target) as tmp:
         shutil.copyfile(ctx.tokenizer_path, tmp)
-    first = default_tokenizer_candidates()[0]
-    note = "" if first == target else f" (note: TOKENFLOW_TOKENIZER={first} takes precedence)"
+    first = DEFAULT_TOKENIZER.find()
+    note = "" if first == target.parent else f" (note: {first} takes precedence)"
     ctx.summary.append(f"default tokenizer installed: {target}{note}")
 
 
@@ -167,7 +166,6 @@ def generator_step(ctx: DemoContext) -> None:
     from tokenflow_cli.generation.config import GeneratorRecipe
     from tokenflow_cli.generation.pipeline import (
         GenerationSettings,
-        default_generator_path,
         generate_images,
         resolve_generator,
         write_outputs,
@@ -176,6 +174,7 @@ def generator_step(ctx: DemoContext) -> None:
     from tokenflow_cli.generation.stage import GeneratorStage
     from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, tokenize_paths
     from tokenflow_cli.train.loop import train
+    from tokenflow_cli.weights import DEFAULT_GENERATOR, tokenflow_home
 
     if ctx.gen_minutes <= 0:
         return
@@ -198,7 +197,7 @@ def generator_step(ctx: DemoContext) -> None:
     ctx.summary.append(f"generator training: {result.step} steps, {result.seconds / 60:.1f} min; "
                        f"samples for {len(DEMO_PROMPTS)} prompts: {samples / 'grid.png'}")
     if ctx.install:
-        target = default_generator_path()
+        target = tokenflow_home() / DEFAULT_GENERATOR.home_name
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns("checkpoints"))

@@ -33,8 +33,7 @@ def collect() -> dict:
     import torch
 
     from tokenflow_cli import __version__
-    from tokenflow_cli.tokenizer.pipeline import default_tokenizer_candidates
-    from tokenflow_cli.weights import weight_report
+    from tokenflow_cli.weights import DEFAULT_GENERATOR, DEFAULT_LLAVA, DEFAULT_TOKENIZER, weight_report
 
     versions = {"tokenflow-cli": __version__, "python": platform.python_version()}
     for name in PACKAGES:
@@ -47,15 +46,10 @@ def collect() -> dict:
         "threads": torch.get_num_threads(),
     }
     weights = []
-    for path in default_tokenizer_candidates():
-        weights.append(
-            {
-                "name": "default tokenizer",
-                "path": str(path),
-                "found": path.is_file(),
-                "how": "run `make demo` or set TOKENFLOW_TOKENIZER",
-            }
-        )
+    for spec in (DEFAULT_TOKENIZER, DEFAULT_GENERATOR, DEFAULT_LLAVA):
+        for path in spec.candidates():
+            weights.append({"name": f"default {spec.kind}", "path": str(path), "found": spec.holds_model(path),
+                            "how": f"run `make demo` or set {spec.env}"})
     weights.extend(weight_report())
     weights.extend(_recipe_weight_rows())
     return {"versions": versions, "runtime": runtime, "weights": weights}

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from tokenflow_cli.cli.common import DeviceOpt, RecipeArg, ResumeOpt, SetOpt, app, console, fail
+from tokenflow_cli.cli.training import run_training
 
 GenModelOpt = Annotated[
     str | None,
@@ -126,23 +127,15 @@ def train_generator_cmd(
 ) -> None:
     """Train the next-scale text-to-image generator on captioned codes (or images)."""
     from tokenflow_cli.cli.common import quiet_transformers
-    from tokenflow_cli.config import ConfigError, load_recipe
     from tokenflow_cli.generation.config import GeneratorRecipe
     from tokenflow_cli.generation.stage import GeneratorStage
-    from tokenflow_cli.train.loop import NonFiniteLossError, train
+    from tokenflow_cli.train.loop import train
 
     quiet_transformers()
-    try:
-        cfg = load_recipe(recipe, GeneratorRecipe, overrides)
-    except ConfigError as err:
-        raise fail(str(err)) from None
-    run_dir = output or Path("runs") / cfg.model.name
-    try:
-        stage = GeneratorStage(cfg, run_dir)
-    except (FileNotFoundError, ValueError) as err:
-        raise fail(str(err)) from None
-    try:
-        result = train(stage, cfg.train, run_dir, recipe=cfg, device=device, resume=resume)
-    except (FileNotFoundError, ValueError, NonFiniteLossError) as err:
-        raise fail(str(err)) from None
+    run = run_training(recipe, GeneratorRecipe, list(overrides or []), output, lambda r: r.model.name,
+                       lambda r, run_dir: train(GeneratorStage(r, run_dir), r.train, run_dir, recipe=r,
+                                                device=device, resume=resume))
+    if run is None:
+        return
+    result, run_dir = run.result, run.run_dir
     console.print(f"trained {result.step} steps in {result.seconds:.0f}s -> [bold]{run_dir}[/]")

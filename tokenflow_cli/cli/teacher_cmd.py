@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from tokenflow_cli.cli.common import DeviceOpt, RecipeArg, ResumeOpt, SetOpt, app, console, fail
+from tokenflow_cli.cli.common import DeviceOpt, RecipeArg, ResumeOpt, SetOpt, app, console
+from tokenflow_cli.cli.training import run_training
 
 
 @app.command("train-teacher")
@@ -23,25 +24,17 @@ def train_teacher_cmd(
     device: DeviceOpt = "auto",
 ) -> None:
     """Train a small CLIP contrastively on captioned images (offline teacher for the semantic branch)."""
-    from tokenflow_cli.config import ConfigError, load_recipe
     from tokenflow_cli.teacher.config import TeacherRecipe
     from tokenflow_cli.teacher.stage import train_teacher
-    from tokenflow_cli.train.loop import NonFiniteLossError
-    from tokenflow_cli.weights import TINY_TEACHER, MissingWeightsError, default_location
+    from tokenflow_cli.weights import TINY_TEACHER, default_location
 
     extra = [*(overrides or []), *([f"train.steps={steps}"] if steps is not None else [])]
-    try:
-        resolved = load_recipe(recipe, TeacherRecipe, overrides=extra)
-    except ConfigError as err:
-        raise fail(str(err)) from None
-    run_dir = output or Path("runs") / resolved.model.name
     target = default_location(TINY_TEACHER) if publish else None
-    try:
-        result = train_teacher(resolved, run_dir, device=device, resume=resume, publish=target)
-    except (ConfigError, MissingWeightsError, ValueError) as err:
-        raise fail(str(err)) from None
-    except NonFiniteLossError as err:
-        raise fail(str(err), code=3) from None
+    run = run_training(recipe, TeacherRecipe, extra, output, lambda r: r.model.name,
+                       lambda r, run_dir: train_teacher(r, run_dir, device=device, resume=resume, publish=target))
+    if run is None:
+        return
+    result, run_dir = run.result, run.run_dir
     ev = result.last_eval
     figures = f"held-out i2t top-1 {ev['i2t_top1']:.1%}, val loss {ev['val_loss']:.3f}; " if "i2t_top1" in ev else ""
     console.print(f"step {result.step}: {figures}weights [bold]{run_dir / 'model.safetensors'}[/]")

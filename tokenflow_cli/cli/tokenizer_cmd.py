@@ -21,6 +21,7 @@ from tokenflow_cli.cli.common import (
     err_console,
     fail,
 )
+from tokenflow_cli.cli.training import run_training
 
 
 def _load_model(model: str | None, device: str):
@@ -138,33 +139,16 @@ def train_tokenizer_cmd(
 
     Resumes automatically when the run folder holds a checkpoint (--no-resume starts over).
     """
-    from tokenflow_cli.config import ConfigError, load_recipe
-    from tokenflow_cli.data.images import ImageSourceError
-    from tokenflow_cli.eval.image_metrics import MissingLpipsBackboneError
     from tokenflow_cli.tokenizer.config import TokenizerRecipe
     from tokenflow_cli.tokenizer.stage import train_tokenizer
-    from tokenflow_cli.train.loop import NonFiniteLossError
-    from tokenflow_cli.weights import MissingWeightsError
 
     extra = [*(overrides or []), *([f"train.seed={seed}"] if seed is not None else []),
              *([f"train.steps={steps}"] if steps is not None else [])]
-    try:
-        resolved = load_recipe(recipe, TokenizerRecipe, overrides=extra)
-    except ConfigError as err:
-        raise fail(str(err)) from None
-    run_dir = output or Path("runs") / resolved.model.name
-    try:
-        result = train_tokenizer(resolved, run_dir, device=device, resume=resume)
-    except (ConfigError, ImageSourceError, MissingLpipsBackboneError, MissingWeightsError) as err:
-        raise fail(str(err)) from None
-    except NonFiniteLossError as err:
-        raise fail(str(err), code=3) from None
-    finally:
-        from tokenflow_cli.distributed import cleanup
-
-        cleanup()
-    if result.rank != 0:  # under torchrun rank 0 reports
+    run = run_training(recipe, TokenizerRecipe, extra, output, lambda r: r.model.name,
+                       lambda r, run_dir: train_tokenizer(r, run_dir, device=device, resume=resume))
+    if run is None:  # under torchrun rank 0 reports
         return
+    result, run_dir = run.result, run.run_dir
     ev = result.last_eval
     figures = f"PSNR {ev['psnr']:.2f} dB, codebook usage {ev['usage']:.1%} (held-out) " if "psnr" in ev else ""
     state = "stopped early at" if result.stopped_early else "finished"

@@ -4,7 +4,6 @@ tokenflow_cli.understanding (pipeline, stage). `eval vqa` is in eval_cmd.py."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from tokenflow_cli.cli.common import (
     fail,
     quiet_transformers,
 )
+from tokenflow_cli.cli.training import run_training
 
 LlavaModelOpt = Annotated[
     str | None,
@@ -116,26 +116,19 @@ def finetune_llava_cmd(
     device: DeviceOpt = "auto",
 ) -> None:
     """LLaVA-style finetuning on frozen TokenFlow features (checkpoints, resume, torchrun)."""
-    from tokenflow_cli.config import ConfigError, load_recipe
     from tokenflow_cli.understanding.config import LlavaRecipe, validate
     from tokenflow_cli.understanding.stage import finetune_llava
 
     if stage not in (1, 2):
         raise fail(f"--stage must be 1 or 2, got {stage}")
     overrides = list(set_ or []) + ([f"model.init={init}"] if init else [])
-    try:
-        parsed = load_recipe(recipe, LlavaRecipe, overrides)
-        validate(parsed)
-    except ConfigError as err:
-        raise fail(str(err)) from None
-    run_dir = output or Path("runs") / f"llava-stage{stage}"
     quiet_transformers()
-    try:
-        result, final = finetune_llava(parsed, stage, run_dir, device=device, resume=resume)
-    except (FileNotFoundError, ConfigError, ValueError) as err:
-        raise fail(str(err)) from None
-    if int(os.environ.get("RANK", "0")) != 0:
-        return  # rank 0 reports under torchrun
+    run = run_training(recipe, LlavaRecipe, overrides, output, lambda r: f"llava-stage{stage}",
+                       lambda r, run_dir: finetune_llava(r, stage, run_dir, device=device, resume=resume),
+                       validate=validate)
+    if run is None:  # rank 0 reports under torchrun
+        return
+    (result, final), run_dir = run.result, run.run_dir
     last = result.history[-1] if result.history else {}
     figures = [f"loss {last['loss']:.4g}"] if "loss" in last else []
     figures += [f"{k} {v:.4g}" for k, v in result.last_eval.items() if k != "step"]

@@ -1,2 +1,4 @@
-"""Evaluation: reconstruction (rFID/KID, PSNR, SSIM, LPIPS), codebook usage, teacher zero-shot,
-GenEval-style generation and VQA. Each command's library side returns a JSON-able report."""
+"""Generic evaluation machinery: FID/KID with torch-fidelity (and its Inception weights built
+offline), per-image metrics (PSNR, SSIM, LPIPS), the built-in held-out image sets and PNG grids.
+The capability-specific evaluations live with their capability (tokenizer/rfid.py,
+generation/geneval.py, understanding/vqa.py, teacher/evaluate.py)."""

@@ -7,9 +7,10 @@ Sections: `model` (GeneratorModelConfig), `data` (GeneratorDataConfig), `train`
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-from tokenflow_cli.config import TrainConfig, register_recipe_kind
+from tokenflow_cli.config import ConfigError, TrainConfig, register_recipe_kind
 
 
 @dataclass
@@ -33,12 +34,14 @@ class GeneratorModelConfig:
     attn_implementation: str = "sdpa"  # "sdpa" or "eager": both take our 4D block-causal mask
     gradient_checkpointing: bool = False  # trade compute for memory in the LM blocks (training)
     max_text_tokens: int = 64  # prompts are left-padded (or truncated) to this many tokens
-    # The image tokenizer's code space (copied from its config; checked when attached).
-    scales: tuple[int, ...] = (1, 2, 4, 6, 8, 10, 12, 14, 16)
-    codebook_size: int = 32768  # K: logits are over these image codes (a separate head)
-    code_dim: int = 40  # width of one code vector (semantic + pixel)
+    # The image tokenizer's code space. Recipes leave it empty: `attach_code_space` copies it from
+    # the image tokenizer the generator is trained for (and saved checkpoints carry it). A value
+    # set in a recipe pins it, and a tokenizer that disagrees is an error.
+    scales: tuple[int, ...] = ()  # side of each token map; () = the tokenizer's
+    codebook_size: int = 0  # K: logits are over these image codes (a separate head); 0 = the tokenizer's
+    code_dim: int = 0  # width of one code vector (semantic + pixel); 0 = the tokenizer's
     init_std: float = 0.02  # std of the new parts (projectors, embeddings, head)
-    # Multi-step sampling re-predicts a scale with its draft fed back (generator.py docstring).
+    # Multi-step sampling re-predicts a scale with its draft fed back (generation/model.py docstring).
     # Training teaches that mode on a share of batches with corrupted ground-truth drafts.
     refine_prob: float = 0.5  # share of training batches that add one refine block
     refine_noise: float = 0.5  # a draft's codes are replaced at random with rate ~ U(0, this)
@@ -79,3 +82,15 @@ class GeneratorRecipe:
     data: GeneratorDataConfig = field(default_factory=GeneratorDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: GeneratorEvalConfig = field(default_factory=GeneratorEvalConfig)
+
+
+def attach_code_space(cfg: GeneratorModelConfig, scales: tuple[int, ...], codebook_size: int,
+                      code_dim: int) -> GeneratorModelConfig:
+    """`cfg` with the image tokenizer's code space filled in; a field the recipe pinned must agree."""
+    tokenizer_space = {"scales": tuple(scales), "codebook_size": codebook_size, "code_dim": code_dim}
+    for key, value in tokenizer_space.items():
+        pinned = getattr(cfg, key)
+        if pinned and (tuple(pinned) if key == "scales" else pinned) != value:
+            raise ConfigError(f"model.{key}={pinned!r} does not match the image tokenizer's {value!r}; "
+                              f"remove it from the recipe (it is taken from the tokenizer)")
+    return dataclasses.replace(cfg, **tokenizer_space)

@@ -2,7 +2,7 @@
 
 From a local pretrained folder (`model.lm_path`), from a saved transformers config (when
 loading our checkpoints), or from scratch by `model.lm_arch` (a registry, `LM_ARCHS`) and the
-size fields. generator.py puts the image parts and the block-causal sequence around it.
+size fields. generation/model.py puts the image parts and the block-causal sequence around it.
 """
 
 from __future__ import annotations

@@ -43,13 +43,12 @@ from torch import nn
 from transformers import DynamicCache
 
 from tokenflow_cli.generation.config import GeneratorModelConfig
-from tokenflow_cli.generation.lm import LM_ARCHS, build_lm
+from tokenflow_cli.generation.lm import build_lm
 from tokenflow_cli.generation.sampling import Schedule, cfg_strength, guide, sample_codes
 from tokenflow_cli.tokenizer.scales import ScaleLayout
 from tokenflow_cli.train.parallel import enable_activation_checkpointing
 
 __all__ = [
-    "LM_ARCHS",
     "TEXT_LEVEL",
     "CodeEmbedder",
     "GeneratorOutput",
@@ -58,7 +57,6 @@ __all__ = [
     "TextBatch",
     "block_causal_allowed",
     "build_generator",
-    "build_lm",
     "lm_mask",
 ]
 
@@ -376,6 +374,9 @@ class NextScaleGenerator(nn.Module):
 
 def build_generator(cfg: GeneratorModelConfig, lm_config: dict | None = None) -> NextScaleGenerator:
     """The generator with its LM (see `build_lm`); new parts initialised from cfg.init_std."""
+    if not (cfg.scales and cfg.codebook_size and cfg.code_dim):
+        raise ValueError("the generator's code space (model.scales, codebook_size, code_dim) is empty: "
+                         "attach the image tokenizer's with generation.config.attach_code_space")
     lm = build_lm(cfg, lm_config)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(lm)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -33,29 +32,18 @@ from tokenflow_cli.data.captions import read_jsonl
 from tokenflow_cli.data.text_tokenizer import train_bpe_tokenizer
 from tokenflow_cli.eval.visual import save_png, tile, to_uint8
 from tokenflow_cli.fileio import atomic_write_text
-from tokenflow_cli.generation.config import GeneratorModelConfig, GeneratorRecipe
+from tokenflow_cli.generation.config import GeneratorModelConfig, GeneratorRecipe, attach_code_space
 from tokenflow_cli.generation.model import NextScaleGenerator, TextBatch, build_generator
 from tokenflow_cli.generation.sampling import Schedule, format_schedule
 from tokenflow_cli.tokenizer.model import TokenFlowTokenizer, load_tokenizer
-from tokenflow_cli.tokenizer.pipeline import ASSETS_DIR, resolve_tokenizer
-from tokenflow_cli.weights import tokenflow_home
+from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer
+from tokenflow_cli.weights import DEFAULT_GENERATOR
 
 KIND = "generator"
 TEXT_TOKENIZER_DIR = "text_tokenizer"
 IMAGE_TOKENIZER_NAME = "image_tokenizer.safetensors"
 SIDECAR_NAME = "generator.json"
 COPY_TOKENIZER_MAX_BYTES = 200 * 2**20  # copy the image tokenizer into the run when smaller
-
-
-def default_generator_path() -> Path:
-    """The run folder `make demo` trains the default generator into (and `generate` reads)."""
-
-    return tokenflow_home() / "generator"
-
-
-def default_generator_candidates() -> list[Path]:
-    env = os.environ.get("TOKENFLOW_GENERATOR")
-    return ([Path(env)] if env else []) + [default_generator_path(), ASSETS_DIR / "tiny-generator"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,20 +174,22 @@ def resolve_generator(model: str | None, device: torch.device, tokenizer: str | 
     random-init tiny one (so `generate` always runs)."""
     if model:
         return load_generator(model, device, tokenizer)
-    for candidate in default_generator_candidates():
-        if (candidate / WEIGHTS_NAME).is_file() or (candidate.suffix == ".safetensors" and candidate.is_file()):
-            return load_generator(candidate, device, tokenizer)
+    found = DEFAULT_GENERATOR.find()
+    if found is not None:
+        return load_generator(found, device, tokenizer)
     return random_tiny_generator(device, tokenizer)
 
 
 def random_tiny_generator(device: torch.device, tokenizer: str | None = None) -> LoadedGenerator:
     recipe = load_recipe("generator-tiny", GeneratorRecipe)
     text_tok = train_bpe_tokenizer(["a photo of a red circle left of a blue square"], vocab_size=300)
-    cfg = dataclasses.replace(recipe.model, text_vocab_size=len(text_tok))
+    resolved = resolve_tokenizer(tokenizer, device)
+    tok = resolved.tokenizer
+    cfg = attach_code_space(dataclasses.replace(recipe.model, text_vocab_size=len(text_tok)),
+                            tok.scales, tok.codebook_size, tok.code_dim)
     torch.manual_seed(0)
     model = build_generator(cfg).to(device).eval()
-    resolved = resolve_tokenizer(tokenizer, device)
-    model.check_embedder(resolved.tokenizer)
+    model.check_embedder(tok)
     source = "generator-tiny recipe, RANDOM INIT (no trained generator found: run `make demo`)"
     return LoadedGenerator(model, PromptEncoder(text_tok, cfg.max_text_tokens), resolved.tokenizer, source,
                            resolved.source, random_init=True)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from tokenflow_cli.data.text_tokenizer import train_bpe_tokenizer
 from tokenflow_cli.eval.visual import save_png, tile, to_uint8
-from tokenflow_cli.generation.config import GeneratorRecipe
+from tokenflow_cli.generation.config import GeneratorRecipe, attach_code_space
 from tokenflow_cli.generation.data import CaptionedCodes, load_training_codes, make_collate, read_caption_table
 from tokenflow_cli.generation.model import RefineBlock, TextBatch, build_generator
 from tokenflow_cli.generation.pipeline import TEXT_TOKENIZER_DIR, PromptEncoder, load_text_tokenizer, write_run_files
@@ -67,10 +67,7 @@ class GeneratorStage(Stage):
         if not cfg.lm_path:
             cfg = dataclasses.replace(cfg, text_vocab_size=len(self.text_tokenizer))
         tok = self.image_tokenizer
-        if (tuple(cfg.scales), cfg.codebook_size, cfg.code_dim) != (tok.scales, tok.codebook_size, tok.code_dim):
-            raise ValueError(
-                f"model.scales/codebook_size/code_dim {(tuple(cfg.scales), cfg.codebook_size, cfg.code_dim)} do "
-                f"not match the image tokenizer {resolved.source}: {(tok.scales, tok.codebook_size, tok.code_dim)}")
+        cfg = attach_code_space(cfg, tok.scales, tok.codebook_size, tok.code_dim)
         with torch.random.fork_rng(devices=[]):  # the same fresh model in every run and on every rank
             torch.manual_seed(recipe.train.seed)
             self.model = build_generator(cfg)

@@ -30,7 +30,7 @@ from tokenflow_cli.data.images import load_image, resize_center_crop
 from tokenflow_cli.data.shapes_scene import COLORS, NUMBER_WORDS, SHAPES, SIZES
 from tokenflow_cli.data.shapes_text import plural, with_article
 from tokenflow_cli.eval.evalset import heldout_shapes
-from tokenflow_cli.tokenizer.semantic import register_tiny_open_clip
+from tokenflow_cli.tokenizer.semantic_towers import register_tiny_open_clip
 from tokenflow_cli.weights import require_weight_file
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

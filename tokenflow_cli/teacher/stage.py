@@ -29,7 +29,7 @@ from tokenflow_cli.data.captions import read_jsonl
 from tokenflow_cli.data.images import ImageDataset
 from tokenflow_cli.data.shapes import render_shapes_world
 from tokenflow_cli.teacher.config import TeacherRecipe
-from tokenflow_cli.tokenizer.semantic import register_tiny_open_clip
+from tokenflow_cli.tokenizer.semantic_towers import register_tiny_open_clip
 from tokenflow_cli.train.loop import Stage, TrainData, TrainResult, train
 from tokenflow_cli.weights import resolve_open_clip_weights, tokenflow_home
 

@@ -1,4 +1,4 @@
-"""The codes file: multi-scale indices of many images in one `.npz` (DESIGN.md section 5).
+"""The codes file: multi-scale indices of many images in one `.npz` (format below).
 
 Arrays: `indices` int32 (N, L) with L = sum(s*s), row-major per scale, scales concatenated
 coarse to fine; `scales` int32; `paths` unicode; `meta` a JSON string (codebook size,

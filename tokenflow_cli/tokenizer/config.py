@@ -1,8 +1,7 @@
 """The tokenizer's recipe schema (`kind: tokenizer`): model parts, data, losses, training.
 
-Field names follow the official code where it has one (see docs/ARCHITECTURE.md); every field
-carries a comment. The generic parts (`TrainConfig`, `EvalConfig`, the loader) live in
-`tokenflow_cli.config`.
+Field names follow the official code where it has one; every field carries a comment. The
+generic parts (`TrainConfig`, `EvalConfig`, the loader) live in `tokenflow_cli.config`.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from tokenflow_cli.config import EvalConfig, TrainConfig, register_recipe_kind
 
 @dataclass
 class PixelConfig:
-    """VQGAN-style pixel encoder and decoder (official layout; see shared/official/README.md)."""
+    """VQGAN-style pixel encoder and decoder (the official VQGAN layout, key for key)."""
 
     in_channels: int = 3  # RGB
     base_channels: int = 128  # encoder width of the first level

@@ -9,7 +9,7 @@ checked against our model built on the meta device, and the conversion fails lis
 left over on either side. The few official entries we deliberately do not carry are listed with
 their reason in `NOT_CARRIED`; our entries with no official counterpart in `FRESH`. The written
 checkpoint carries the variant's recipe (a `ModelConfig`) in its metadata, so `load_tokenizer`
-rebuilds it. Layout facts: shared/official/README.md; decisions: docs/CONVERT.md.
+rebuilds it. Layout facts and decisions: docs/CONVERT.md.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Tokenizer losses (DESIGN.md section 2): hinge GAN with a start step and VQGAN's adaptive
+"""Tokenizer losses: hinge GAN with a start step and VQGAN's adaptive
 weight, and the semantic cosine loss against the frozen teacher. LPIPS is built by
 `eval.image_metrics.build_lpips` (the same module the evaluation reports).
 
 L2, VQ and commitment come straight from `TokenizerOutput`; the weighting lives in
-`tokenizer_step.py`.
+`tokenizer/stage.py`.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ from tokenflow_cli.tokenizer.config import ModelConfig
 from tokenflow_cli.tokenizer.pixel import PixelDecoder, PixelEncoder, downsample_factor
 from tokenflow_cli.tokenizer.quantizer import MultiScaleDualQuantizer
 from tokenflow_cli.tokenizer.scales import ScaleLayout
-from tokenflow_cli.tokenizer.semantic import SemanticDecoder, SemanticEncoder, task_layer
+from tokenflow_cli.tokenizer.semantic import SemanticEncoder
+from tokenflow_cli.tokenizer.semantic_decoder import SemanticDecoder, task_layer
 
 
 @dataclass

@@ -3,7 +3,6 @@ memory, atomic outputs. Progress is reported through a callback (the CLI draws i
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,16 +18,7 @@ from tokenflow_cli.fileio import file_sha256
 from tokenflow_cli.tokenizer.codes import write_codes
 from tokenflow_cli.tokenizer.config import TokenizerRecipe
 from tokenflow_cli.tokenizer.model import TokenFlowTokenizer, build_tokenizer, load_tokenizer
-from tokenflow_cli.weights import ASSETS_DIR, tokenflow_home  # small trained defaults shipped with the package
-
-PACKAGED_TOKENIZER = ASSETS_DIR / "tiny-tokenizer.safetensors"
-
-
-def default_tokenizer_candidates() -> list[Path]:
-    """Where the default tokenizer is looked for, in order."""
-    env = os.environ.get("TOKENFLOW_TOKENIZER")
-    out = [Path(env)] if env else []
-    return out + [tokenflow_home() / "tokenizer" / "model.safetensors", PACKAGED_TOKENIZER]
+from tokenflow_cli.weights import DEFAULT_TOKENIZER
 
 
 @dataclass
@@ -48,10 +38,10 @@ def resolve_tokenizer(model: str | None, device: torch.device) -> ResolvedModel:
             return ResolvedModel(tok, tok.checkpoint_path, False)
         recipe = load_recipe(model, TokenizerRecipe)  # a recipe name/file: build it untrained
         return ResolvedModel(build_tokenizer(recipe.model).to(device).eval(), f"recipe {model} (random init)", True)
-    for candidate in default_tokenizer_candidates():
-        if candidate.is_file():
-            tok = load_tokenizer(candidate, device)
-            return ResolvedModel(tok, str(candidate), False)
+    found = DEFAULT_TOKENIZER.find()
+    if found is not None:
+        tok = load_tokenizer(found, device)
+        return ResolvedModel(tok, tok.checkpoint_path, False)
     torch.manual_seed(0)
     tok = build_tokenizer(load_recipe("tiny", TokenizerRecipe).model).to(device).eval()
     return ResolvedModel(tok, "tiny recipe, RANDOM INIT (no trained default found: run `make demo`)", True)

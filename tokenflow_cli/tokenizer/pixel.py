@@ -1,7 +1,7 @@
 """VQGAN-style pixel encoder and decoder, in the official TokenFlow layout.
 
 Module and parameter names reproduce the official state dict under `encoder.` / `decoder.`
-(see shared/official/README.md), so a converter maps `encoder.X -> pixel_encoder.X` with the
+(the official checkpoints' key layout), so a converter maps `encoder.X -> pixel_encoder.X` with the
 same suffix X. The 1x1 `quant_conv` / `post_quant_conv` belong to the tokenizer, not here.
 
 Encoder:  conv_in -> conv_blocks[0..L-1] (res x R, attn x R at the deepest level, stride-2

@@ -13,18 +13,8 @@ import torch
 from torch import nn
 
 from tokenflow_cli.tokenizer.config import SemanticEncoderConfig, TeacherConfig
-from tokenflow_cli.tokenizer.semantic_decoder import SemanticDecoder, task_layer
 from tokenflow_cli.tokenizer.semantic_towers import (
-    SIGLIP_PRESETS,
-    TINY_OPEN_CLIP_CONFIG,
-    TINY_OPEN_CLIP_NAME,
-    HfSiglipBackend,
-    OpenClipBackend,
-    TowerBackend,
     blocks_to_run,
-    register_tiny_open_clip,
-    register_tower_backend,
-    siglip_preset,
     tower_backend,
 )
 
@@ -32,22 +22,10 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "INPUT_NORMS",
-    "SIGLIP_PRESETS",
-    "TINY_OPEN_CLIP_CONFIG",
-    "TINY_OPEN_CLIP_NAME",
-    "HfSiglipBackend",
-    "OpenClipBackend",
-    "SemanticDecoder",
     "SemanticEncoder",
     "Teacher",
-    "TowerBackend",
     "input_norm",
     "load_teacher_state_into_encoder",
-    "register_tiny_open_clip",
-    "register_tower_backend",
-    "siglip_preset",
-    "task_layer",
-    "tower_backend",
 ]
 
 # --------------------------------------------------------------------------------------------

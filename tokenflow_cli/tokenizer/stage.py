@@ -1,6 +1,6 @@
 """The tokenizer training stage (`tokenflow train-tokenizer`), run by the generic loop.
 
-Loss (DESIGN.md section 2), every weight in `train.loss`:
+Loss, every weight in `train.loss`:
 
     L = l2 * ||x - x^||^2 + lpips * LPIPS(x, x^) + vq * (codebook + commitment) + entropy
         + semantic * mean(1 - cos(decoder(q_sem), teacher(x)))

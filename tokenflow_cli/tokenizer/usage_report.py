@@ -1,6 +1,6 @@
 """Codebook usage and perplexity, per scale and overall, for three views of the same tokens.
 
-- shared: the index the tokenizer emits (joint semantic + pixel distance, DESIGN.md section 1);
+- shared: the index the tokenizer emits (joint semantic + pixel distance, tokenizer/quantizer.py);
 - semantic: on the same residual, the code nearest in the semantic half alone;
 - pixel: on the same residual, the code nearest in the pixel half alone.
 

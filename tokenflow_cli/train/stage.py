@@ -5,7 +5,7 @@ that returns losses. `train()` owns HOW: AdamW optimizers, warmup + cosine sched
 accumulation, clipping, autocast, optional EMA, periodic eval, atomic checkpoints and automatic
 resume, a clean stop on a non-finite loss, DDP under torchrun and rank-0 logging.
 
-Writing a stage (see `tokenizer_step.TokenizerStage` for a full one)::
+Writing a stage (see `tokenizer.stage.TokenizerStage` for a full one)::
 
     class MyStage(Stage):
         kind = "generator"                          # checkpoint format "tokenflow-cli/generator"

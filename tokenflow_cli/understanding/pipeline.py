@@ -7,7 +7,6 @@ sha256 when it was a file); `--tokenizer` replaces it, e.g. after moving the fil
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +18,7 @@ from tokenflow_cli.understanding.build import locate_llava
 from tokenflow_cli.understanding.data import load_llava_image
 from tokenflow_cli.understanding.features import TokenizerFeatures, build_feature_source
 from tokenflow_cli.understanding.model import LlavaModel
-from tokenflow_cli.weights import tokenflow_home
-
-
-def default_model_dir() -> Path:
-    return Path(os.environ.get("TOKENFLOW_LLAVA", tokenflow_home() / "llava"))
+from tokenflow_cli.weights import DEFAULT_LLAVA
 
 
 @dataclass
@@ -44,12 +39,14 @@ class Understanding:
 
 
 def load_understanding(model: str | Path | None, device: torch.device, tokenizer: str | None = None) -> Understanding:
-    if model is None and not (default_model_dir()).exists():
+    found = Path(model) if model else DEFAULT_LLAVA.find()
+    if found is None:
+        looked = ", ".join(str(p) for p in DEFAULT_LLAVA.candidates())
         raise FileNotFoundError(
-            f"no understanding model at {default_model_dir()}: pass --model (a model or finetune run folder) "
+            f"no understanding model (looked at {looked}): pass --model (a model or finetune run folder) "
             "or set TOKENFLOW_LLAVA; train one with `tokenflow finetune-llava`"
         )
-    model_dir, weights = locate_llava(model or default_model_dir())
+    model_dir, weights = locate_llava(found)
     llava = LlavaModel.from_pretrained(model_dir, weights=weights).to(device).eval()
     source = tokenizer or llava.extra.get("tokenizer_source", "")
     warnings = []

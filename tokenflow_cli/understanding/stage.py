@@ -3,7 +3,7 @@ projector (LLaVA-1.5; TokenFlow paper section 4.2).
 
 The tokenizer is frozen, so each image's visual tokens never change: with
 `data.cache_features` they are computed once per image and kept. The run folder layout is in
-`models/llava_build.py`; at the end the finished model is exported in transformers' format to
+`understanding/build.py`; at the end the finished model is exported in transformers' format to
 RUN_DIR/final.
 """
 

@@ -78,7 +78,7 @@ def test_run_folder_round_trip(run_dir: Path) -> None:
         assert torch.equal(p, q), name
 
 
-def test_generate_cli_writes_reproducible_outputs(run_dir: Path, tmp_path: Path) -> None:
+def test_generate_cli_writes_reproducible_outputs(run_dir: Path, tmp_path: Path, cli_error) -> None:
     from tokenflow_cli.cli.app import app
 
     runner = CliRunner()
@@ -102,6 +102,7 @@ def test_generate_cli_writes_reproducible_outputs(run_dir: Path, tmp_path: Path)
     assert len(list((tmp_path / "c").glob("0000*.png"))) == 2
     clash = runner.invoke(app, ["generate", "x", "--preset", "two-pass", "--k1", "5", "--model", str(run_dir)])
     assert clash.exit_code != 0
+    cli_error(clash, "--preset", "--k1", code=1)
 
 
 def test_geneval_rules() -> None:

@@ -272,17 +272,23 @@ def test_training_forward_backward_reaches_every_parameter() -> None:
 
 
 def test_recipes_load_and_match_the_tiny_tokenizer() -> None:
-    from tokenflow_cli.config import load_recipe
-    from tokenflow_cli.generation.config import GeneratorRecipe
+    from tokenflow_cli.config import ConfigError, load_recipe
+    from tokenflow_cli.generation.config import GeneratorRecipe, attach_code_space
     from tokenflow_cli.tokenizer.config import TokenizerRecipe
 
     tiny = load_recipe("generator-tiny", GeneratorRecipe)
     tok = load_recipe("tiny", TokenizerRecipe).model.quantizer
-    assert tiny.model.scales == tok.scales and tiny.model.codebook_size == tok.codebook_size
-    assert tiny.model.code_dim == tok.semantic_dim + tok.pixel_dim
+    assert (tiny.model.scales, tiny.model.codebook_size, tiny.model.code_dim) == ((), 0, 0)  # not repeated
+    tiny_model = attach_code_space(tiny.model, tok.scales, tok.codebook_size, tok.semantic_dim + tok.pixel_dim)
+    assert tiny_model.scales == tok.scales and tiny_model.codebook_size == tok.codebook_size
+    assert tiny_model.code_dim == tok.semantic_dim + tok.pixel_dim
+    with pytest.raises(ConfigError, match="model.codebook_size=512"):  # a pinned value must agree
+        attach_code_space(dataclasses.replace(tiny.model, codebook_size=512), tok.scales, tok.codebook_size, 40)
+    with pytest.raises(ValueError, match="code space"):
+        build_generator(tiny.model)
     big = load_recipe("generator-llama7b", GeneratorRecipe)
-    assert big.model.lm_path and big.model.scales == load_recipe("clipb-256", TokenizerRecipe).model.quantizer.scales
-    model = build_generator(tiny.model)
+    assert big.model.lm_path and big.data.tokenizer
+    model = build_generator(tiny_model)
     assert sum(p.numel() for p in model.parameters()) < 5_000_000
     with pytest.raises(ValueError):
         build_generator(dataclasses.replace(CFG, attn_implementation="flash_attention_2"))

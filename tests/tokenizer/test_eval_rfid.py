@@ -60,13 +60,14 @@ def test_rfid_report_protocol_and_files(photos, tmp_path, no_fid_weights):
     assert row["psnr"] == pytest.approx(float(psnr(a, b).mean()))
 
 
-def test_rfid_without_inception_weights_explains(photos, tmp_path, no_fid_weights, monkeypatch):
+def test_rfid_without_inception_weights_explains(photos, tmp_path, no_fid_weights, monkeypatch, cli_error):
     from tokenflow_cli.cli.app import app
 
     monkeypatch.setattr("tokenflow_cli.weights.fid_helper_source", lambda: None)  # nothing to build from
     result = CliRunner().invoke(app, ["eval", "rfid", "--data", str(photos), "-o", str(tmp_path / "o")])
     assert result.exit_code == 1
     assert "prepare-fid" in result.output and "--tiny-features" in result.output
+    cli_error(result, "weights-inception-2015-12-05-6726825d.pth", "prepare-fid", code=1)
 
 
 def test_usage_command_writes_views_and_histograms(photos, tmp_path):

@@ -92,6 +92,7 @@ def test_worker_death_after_a_stop_request_is_a_clean_stop(tmp_path, capsys):
     assert load_train_state(result.checkpoint / STATE_NAME)["step"] == 2
 
 
+@pytest.mark.racy  # SIGKILL can land while the worker holds a DataLoader queue lock; the shutdown then hangs
 def test_worker_death_without_a_stop_request_still_fails(tmp_path):
     stage = TinyStage(WorkerPid(), kill_at=2)
     stage.step = lambda batch, step, inner=stage.step: (  # the same death, but no SIGTERM to us

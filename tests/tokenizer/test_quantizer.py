@@ -33,17 +33,62 @@ def test_pixel_weight_changes_the_choice():
     assert torch.equal(a, _brute_force(z_sem, z_pix, cb_sem, cb_pix, 0.0))
 
 
+def _loop_joint_distances(z_sem, z_pix, cb_sem, cb_pix, w, semantic_weight=1.0):
+    """Independent reference: float64, one token at a time, the quantizer's joint distance
+    semantic_weight * ||z_sem - e_sem_i||^2 + w * ||z_pix - e_pix_i||^2 for every code i."""
+    cb_sem, cb_pix = cb_sem.double(), cb_pix.double()
+    rows = [
+        semantic_weight * (zs - cb_sem).pow(2).sum(1) + w * (zp - cb_pix).pow(2).sum(1)
+        for zs, zp in zip(z_sem.double(), z_pix.double())
+    ]
+    return torch.stack(rows)  # (N, K)
+
+
+def _assert_is_joint_argmin(idx, dist):
+    """idx is exactly the (lowest-index) argmin of dist; the data has no fp32-rounding near-ties,
+    so exact equality with the float64 reference is the right check."""
+    top2 = dist.topk(2, dim=1, largest=False).values
+    assert (top2[:, 1] - top2[:, 0]).min() > 1e-5, "near-tie in the test data: pick another seed"
+    assert torch.equal(idx, dist.argmin(1))
+
+
 @pytest.mark.parametrize("chunk", [3, 7, 64, 1000, 4096])
-def test_chunked_equals_unchunked(chunk):
+def test_chunked_search_is_brute_force_argmin(chunk):
+    # the quantizer's setting: both halves and both codebooks l2-normalised
     g = torch.Generator().manual_seed(3)
-    z_sem, z_pix = torch.randn(257, 32, generator=g), torch.randn(257, 8, generator=g)
-    cb_sem, cb_pix = (
-        F.normalize(torch.randn(1000, 32, generator=g), dim=1),
-        F.normalize(torch.randn(1000, 8, generator=g), dim=1),
-    )
-    assert torch.equal(
-        nearest_code(z_sem, z_pix, cb_sem, cb_pix, chunk_size=chunk), plain_nearest_code(z_sem, z_pix, cb_sem, cb_pix)
-    )
+    z_sem = F.normalize(torch.randn(257, 32, generator=g), dim=1)
+    z_pix = F.normalize(torch.randn(257, 8, generator=g), dim=1)
+    cb_sem = F.normalize(torch.randn(1000, 32, generator=g), dim=1)
+    cb_pix = F.normalize(torch.randn(1000, 8, generator=g), dim=1)
+    dist = _loop_joint_distances(z_sem, z_pix, cb_sem, cb_pix, 1.0)
+    _assert_is_joint_argmin(nearest_code(z_sem, z_pix, cb_sem, cb_pix, chunk_size=chunk), dist)
+    _assert_is_joint_argmin(plain_nearest_code(z_sem, z_pix, cb_sem, cb_pix), dist)
+
+
+@pytest.mark.parametrize(
+    ("pixel_weight", "use_semantic", "l2_normalize"),
+    [(1.0, True, True), (0.3, True, True), (4.0, True, True), (1.0, False, True), (1.0, True, False)],
+)
+def test_quantizer_search_is_brute_force_over_its_joint_distance(pixel_weight, use_semantic, l2_normalize):
+    """MultiScaleDualQuantizer.search against the definition in quantizer.py, written out here:
+    split 32/8, l2-normalise each half and each codebook row (l2_normalize), argmin over
+    d_sem + pixel_weight * d_pix (d_sem dropped when use_semantic is False), ties to the lowest index."""
+    cfg = QuantizerConfig(codebook_size=300, scales=(1, 5), search_chunk_size=64, pixel_weight=pixel_weight,
+                          use_semantic=use_semantic, l2_normalize=l2_normalize)
+    torch.manual_seed(4)
+    q = MultiScaleDualQuantizer(cfg).eval()
+    r = 3.0 * torch.randn(2, 40, 5, 5, generator=torch.Generator().manual_seed(5))  # residuals are not unit norm
+    with torch.no_grad():
+        idx = q.search(r)
+    assert idx.shape == (2, 25)
+    z = r.permute(0, 2, 3, 1).reshape(-1, 40)  # row-major positions, batch first
+    z_sem, z_pix = z[:, :32], z[:, 32:]
+    cb_sem, cb_pix = q.semantic_codebook.weight.detach(), q.pixel_codebook.weight.detach()
+    if l2_normalize:
+        z_sem, z_pix = z_sem / z_sem.norm(dim=1, keepdim=True), z_pix / z_pix.norm(dim=1, keepdim=True)
+        cb_sem, cb_pix = cb_sem / cb_sem.norm(dim=1, keepdim=True), cb_pix / cb_pix.norm(dim=1, keepdim=True)
+    dist = _loop_joint_distances(z_sem, z_pix, cb_sem, cb_pix, pixel_weight, 1.0 if use_semantic else 0.0)
+    _assert_is_joint_argmin(idx.reshape(-1), dist)
 
 
 def test_ties_go_to_lowest_index_across_chunks():

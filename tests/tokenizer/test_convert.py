@@ -2,7 +2,7 @@
 
 Reduced-size official layouts (same structure, tiny widths) run the whole path on CPU in
 seconds and are checked against an independent reference of the official encode
-(convert_reference.py, written from shared/official/README.md); full-size layouts are checked
+(convert_reference.py, written from tests/data/official_layout.md); full-size layouts are checked
 on the meta device, and a full-size file conversion is a slow test.
 """
 
@@ -50,7 +50,7 @@ from tokenflow_cli.tokenizer.convert import (
 )
 from tokenflow_cli.tokenizer.model import load_tokenizer
 
-OFFICIAL = Path(__file__).resolve().parents[1].parent / "shared" / "official"
+OFFICIAL = Path(__file__).resolve().parents[1] / "data"  # key tables copied from the official release notes
 FULL = {
     "clipb-224": (CLIPB_224, "tokenflow_clipb224_keys.tsv", 181_902_251),
     "clipb-256-enhanced": (CLIPB_224_ENHANCED, "tokenflow_clipb224_enhanced_keys.tsv", 376_569_643),
@@ -110,7 +110,7 @@ def small_towers(monkeypatch):
     """Register the reduced towers (open_clip config file, SigLIP preset) for this test."""
     import open_clip
 
-    from tokenflow_cli.tokenizer import semantic
+    from tokenflow_cli.tokenizer import semantic_towers
 
     if CLIP_TOWER not in open_clip.list_models():
         vision = {"image_size": 56, "layers": 2, "width": 64, "head_width": 32, "patch_size": 4}
@@ -119,8 +119,9 @@ def small_towers(monkeypatch):
             path = Path(tmp) / f"{CLIP_TOWER}.json"
             path.write_text(json.dumps({"embed_dim": 24, "vision_cfg": vision, "text_cfg": text}))
             open_clip.add_model_config(path)
-    preset = dict(semantic.SIGLIP_PRESETS["siglip-tiny"], num_hidden_layers=3, intermediate_size=176, image_size=52)
-    monkeypatch.setitem(semantic.SIGLIP_PRESETS, SIGLIP_TOWER, preset)
+    preset = dict(semantic_towers.SIGLIP_PRESETS["siglip-tiny"], num_hidden_layers=3, intermediate_size=176,
+                  image_size=52)
+    monkeypatch.setitem(semantic_towers.SIGLIP_PRESETS, SIGLIP_TOWER, preset)
 
 
 def _save_official(path: Path, sd: dict, **extra) -> Path:
@@ -141,8 +142,6 @@ def _images(s: OfficialSpec, n: int = 2, seed: int = 1) -> torch.Tensor:
 @pytest.mark.parametrize("variant", sorted(FULL))
 def test_layout_generator_reproduces_official_listing(variant):
     spec, tsv, _ = FULL[variant]
-    if not (OFFICIAL / tsv).is_file():
-        pytest.skip(f"official key listing {OFFICIAL / tsv} not present")
     with open(OFFICIAL / tsv) as fh:
         rows = [
             (r["key"], tuple(int(x) for x in r["shape"].split("x")), r["kind"])
@@ -296,7 +295,7 @@ def test_dtype_option_casts_floats_only(small_towers):
     assert ours["quantizer.usage_counts"].dtype == torch.long
 
 
-def test_cli_convert(tmp_path, small_towers):
+def test_cli_convert(tmp_path, small_towers, cli_error):
     import yaml
     from typer.testing import CliRunner
 
@@ -315,6 +314,7 @@ def test_cli_convert(tmp_path, small_towers):
     bad = CliRunner().invoke(app, ["convert", str(src), "-o", str(tmp_path / "y.safetensors")])
     bad_text = " ".join(bad.output.split())
     assert bad.exit_code != 0 and "as variant siglip-384" in bad_text  # guessed; the full-size shapes differ
+    cli_error(bad, src, "as variant siglip-384", "cannot convert", code=1)
 
     from PIL import Image
 

@@ -1,4 +1,4 @@
-"""Test helpers for the converter, written from shared/official/README.md alone (no model code):
+"""Test helpers for the converter, written from tests/data/official_layout.md alone (no model code):
 
 - `official_layout(spec)`: every key and shape of an official TokenFlow state dict, in order, for
   an architecture spec (full size reproduces the official TSV listings; reduced sizes keep the

@@ -23,7 +23,7 @@ def test_paper_recipes_token_counts_on_meta(name, tokens, params):
     with torch.device("meta"):
         tok = build_tokenizer(model)
     assert tok.num_tokens == tokens
-    # the official parameter totals (shared/official/README.md) are held exactly
+    # the official parameter totals (tests/data/official_layout.md) are held exactly
     assert sum(p.numel() for p in tok.parameters()) == params
 
 

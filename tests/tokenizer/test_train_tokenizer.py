@@ -202,7 +202,7 @@ def test_train_tokenizer_command_writes_a_loadable_run(shapes_dir, tmp_path):
     assert again.exit_code == 0 and "resumed from" in again.output and "finished step 3" in again.output
 
 
-def test_command_rejects_missing_lpips_backbone_clearly(shapes_dir, tmp_path, monkeypatch):
+def test_command_rejects_missing_lpips_backbone_clearly(shapes_dir, tmp_path, monkeypatch, cli_error):
     from tokenflow_cli.cli.app import app
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
@@ -210,6 +210,7 @@ def test_command_rejects_missing_lpips_backbone_clearly(shapes_dir, tmp_path, mo
                                       "--set", f"data.train={shapes_dir}", "--set", "train.loss.lpips_weight=1"])
     assert result.exit_code == 1
     assert "vgg16-397923af.pth" in result.output and "lpips_weight=0" in result.output
+    cli_error(result, "vgg16-397923af.pth", "train.loss.lpips_weight=0", code=1)
 
 
 def test_lpips_loads_the_cached_backbone(tmp_path, monkeypatch):

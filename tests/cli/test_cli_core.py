@@ -59,10 +59,11 @@ def test_tokenize_skips_bad_and_handles_odd_modes(odd_folder, tiny_checkpoint, t
     assert codes.indices.shape[1] == 521
 
 
-def test_tokenize_strict_fails_and_writes_nothing(odd_folder, tiny_checkpoint, tmp_path):
+def test_tokenize_strict_fails_and_writes_nothing(odd_folder, tiny_checkpoint, tmp_path, cli_error):
     out = tmp_path / "codes.npz"
     res = runner.invoke(app, ["tokenize", str(odd_folder), "-o", str(out), "--model", str(tiny_checkpoint), "--strict"])
     assert res.exit_code != 0
+    assert "--strict" in cli_error(res, "broken.png", code=1)
     assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
 
 
@@ -89,9 +90,11 @@ def test_reconstruct_images_and_codes_file(odd_folder, tiny_checkpoint, tmp_path
     assert grid.width > 2 * 64  # originals found on disk: original | reconstruction
 
 
-def test_missing_input_is_a_clear_error(tmp_path):
+def test_missing_input_is_a_clear_error(tmp_path, cli_error):
     res = runner.invoke(app, ["tokenize", str(tmp_path / "nothing"), "-o", str(tmp_path / "c.npz")])
     assert res.exit_code != 0
+    assert "does not exist" in cli_error(res, tmp_path / "nothing", code=1)
+    assert not (tmp_path / "c.npz").exists()
 
 
 def test_doctor_runs():
