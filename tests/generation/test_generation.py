@@ -216,3 +216,30 @@ def test_eval_geneval_cli_compares_schedules(run_dir: Path, tmp_path: Path) -> N
     assert one["images"] == one["prompts"] == 6 and 0.0 <= one["overall"] <= 1.0
     assert len(list((tmp_path / "one-pass" / "geneval").glob("*/samples/0000.png"))) == 6
     assert len((tmp_path / "one-pass" / "records.jsonl").read_text().splitlines()) == 6
+
+
+def test_train_generator_takes_the_tokenizer_from_its_codes(run_dir: Path, tmp_path: Path, tiny_recipe,
+                                                            cli_error) -> None:
+    """No data.tokenizer: the codes' own tokenizer is used; a different one named is refused."""
+    from tokenflow_cli.checkpoint import save_model
+    from tokenflow_cli.cli.app import app
+    from tokenflow_cli.data.shapes import render_shapes_world
+    from tokenflow_cli.tokenizer.model import build_tokenizer
+    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, tokenize_paths
+
+    render_shapes_world(tmp_path / "shapes", n=6, seed=0, size=64)
+    resolved = resolve_tokenizer(str(run_dir.parent / "tok"), torch.device("cpu"))
+    tokenize_paths(resolved, sorted((tmp_path / "shapes" / "images").glob("*.png")), tmp_path / "codes.npz")
+    torch.manual_seed(7)
+    other = tmp_path / "other" / "model.safetensors"
+    save_model(build_tokenizer(tiny_recipe.model), other, tiny_recipe.model)
+    sets = [f"data.codes={tmp_path / 'codes.npz'}", f"data.captions={tmp_path / 'shapes' / 'captions.jsonl'}",
+            "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+            "model.intermediate_size=64", "train.steps=1", "train.batch_size=3", "train.eval_every=0"]
+    args = ["train-generator", "generator-tiny", "--device", "cpu", *[x for s in sets for x in ("--set", s)]]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads((tmp_path / "run" / "generator.json").read_text())
+    assert sidecar["image_tokenizer"] == str(Path(resolved.source).resolve())
+    refused = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "run2"), "--set", f"data.tokenizer={other}"])
+    cli_error(refused, tmp_path / "codes.npz", other, code=1)

@@ -37,6 +37,13 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per ba
 StrictOpt = Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable input instead of skipping it.")]
 
 
+def positive(value: float | None) -> float | None:
+    """Option callback: a value that must be > 0 (a temperature, a scale)."""
+    if value is not None and value <= 0:
+        raise typer.BadParameter(f"must be > 0, got {value:g}")
+    return value
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print a one-line error in red and return the exit to raise."""
     err_console.print(f"[bold red]error:[/] {message}")

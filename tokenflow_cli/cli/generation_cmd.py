@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from tokenflow_cli.cli.common import DeviceOpt, RecipeArg, ResumeOpt, SetOpt, app, console, fail
+from tokenflow_cli.cli.common import DeviceOpt, RecipeArg, ResumeOpt, SetOpt, app, console, fail, positive
 from tokenflow_cli.cli.training import run_training
 
 GenModelOpt = Annotated[
@@ -25,9 +25,10 @@ PresetOpt = Annotated[
 PassesOpt = Annotated[
     str | None, typer.Option("--passes", help='Passes as top_k:top_p, e.g. "1200:0.8,100:0.8,1:0".')
 ]
-CfgOpt = Annotated[float, typer.Option("--cfg", help="Guidance at the last scale (ramps linearly from 0).")]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Softmax temperature (> 0).")]
-GenBatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")]
+CfgOpt = Annotated[float, typer.Option("--cfg", min=0.0, help="Guidance at the last scale (ramps linearly from 0).")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", callback=positive, help="Softmax temperature (> 0).")]
+GenBatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
+TopPOpt = {"min": 0.0, "max": 1.0}  # top-p is a probability (0 turns it off)
 CacheOpt = Annotated[bool, typer.Option("--cache/--no-cache", help="KV cache (--no-cache recomputes, as official).")]
 
 
@@ -69,16 +70,16 @@ def open_count_bar(label: str):
 @app.command("generate")
 def generate_cmd(
     prompt: Annotated[str | None, typer.Argument(help="Text prompt (or use --prompts FILE).")] = None,
-    n: Annotated[int, typer.Option("-n", "--num-images", help="Images per prompt.")] = 4,
+    n: Annotated[int, typer.Option("-n", "--num-images", min=1, help="Images per prompt.")] = 4,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     cfg: CfgOpt = 3.0,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt", help="Unconditional prompt for CFG.")] = "",
     k1: Annotated[int | None, typer.Option("--k1", help="Top-k of pass 1 (<= 0: off).")] = None,
-    p1: Annotated[float | None, typer.Option("--p1", help="Top-p of pass 1 (0 or 1: off).")] = None,
+    p1: Annotated[float | None, typer.Option("--p1", **TopPOpt, help="Top-p of pass 1 (0 or 1: off).")] = None,
     k2: Annotated[int | None, typer.Option("--k2", help="Top-k of pass 2 (re-predicts each scale).")] = None,
-    p2: Annotated[float | None, typer.Option("--p2", help="Top-p of pass 2.")] = None,
+    p2: Annotated[float | None, typer.Option("--p2", **TopPOpt, help="Top-p of pass 2.")] = None,
     k3: Annotated[int | None, typer.Option("--k3", help="Top-k of pass 3.")] = None,
-    p3: Annotated[float | None, typer.Option("--p3", help="Top-p of pass 3.")] = None,
+    p3: Annotated[float | None, typer.Option("--p3", **TopPOpt, help="Top-p of pass 3.")] = None,
     passes: PassesOpt = None,
     preset: PresetOpt = None,
     temperature: TemperatureOpt = 1.0,

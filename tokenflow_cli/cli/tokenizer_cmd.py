@@ -24,11 +24,20 @@ from tokenflow_cli.cli.common import (
 from tokenflow_cli.cli.training import run_training
 
 
-def _load_model(model: str | None, device: str):
+def _load_model(model: str | None, device: str, codes: Path | None = None):
+    """The tokenizer to use; for a codes file, the one that made it (from its metadata, or
+    --model checked against it)."""
     from tokenflow_cli.device import resolve_device
-    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer
+    from tokenflow_cli.tokenizer.codes import read_codes_meta
+    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, resolve_tokenizer_for_codes
 
-    resolved = resolve_tokenizer(model, resolve_device(device))
+    try:
+        if codes is None:
+            resolved = resolve_tokenizer(model, resolve_device(device))
+        else:
+            resolved = resolve_tokenizer_for_codes(read_codes_meta(codes), model, resolve_device(device), codes)
+    except (FileNotFoundError, ValueError) as err:
+        raise fail(str(err)) from None
     note = " [bold yellow](random init: outputs are meaningless)[/]" if resolved.random_init else ""
     console.print(f"model: [cyan]{resolved.source}[/]{note}")
     return resolved
@@ -101,8 +110,8 @@ def reconstruct_cmd(
     from tokenflow_cli.data.images import ImageLoadError
     from tokenflow_cli.tokenizer.reconstruct import reconstruct_codes_file, reconstruct_images
 
-    resolved = _load_model(model, device)
     is_codes = inputs.endswith(".npz") and Path(inputs).is_file()
+    resolved = _load_model(model, device, Path(inputs) if is_codes else None)
     paths = [] if is_codes else _list_inputs(inputs)
     total = 0 if is_codes else len(paths)
     with image_progress(total, "reconstruct") as update:

@@ -98,10 +98,12 @@ def load_training_codes(data: GeneratorDataConfig, tokenizer=None, batch_size: i
     if not data.captions:
         raise ValueError("data.captions is required: a .jsonl with \"image\" and caption fields")
     table = read_caption_table(data.captions, data.caption_fields)
+    metas = []
     if data.codes:
-
-        shards = find_shards(Path(data.codes)) if not Path(data.codes).is_file() else [Path(data.codes)]
-        files = [read_codes(p) for p in shards]
+        files = [read_codes(p) for p in codes_files(data.codes)]
+        metas = [f.meta for f in files]
+        if len({m.get("tokenizer_sha256") for m in metas}) > 1:
+            raise ValueError(f"the shards of {data.codes} were made by different tokenizers")
         codes = np.concatenate([f.indices for f in files])
         paths = [str(p) for f in files for p in f.paths]
         scales = files[0].scales
@@ -115,8 +117,18 @@ def load_training_codes(data: GeneratorDataConfig, tokenizer=None, batch_size: i
     rows, captions = match_captions(paths, table)
     if not rows:
         raise ValueError(f"no {source} row matches an image of {data.captions}")
-    info = {"source": source, "rows": len(rows), "unmatched": len(paths) - len(rows), "scales": tuple(scales)}
+    info = {"source": source, "rows": len(rows), "unmatched": len(paths) - len(rows), "scales": tuple(scales),
+            "codes_meta": metas[0] if metas else None}
     return codes[rows], captions, info
+
+
+def codes_files(codes: str | Path) -> list[Path]:
+    """`data.codes`: one codes file, or the base name of its shards."""
+    path = Path(codes)
+    files = [path] if path.is_file() else find_shards(path)
+    if not files:
+        raise FileNotFoundError(f"data.codes: no codes file or shards at {path} (write one with `tokenflow tokenize`)")
+    return files
 
 
 @torch.no_grad()

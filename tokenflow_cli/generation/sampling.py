@@ -79,6 +79,10 @@ class SamplingPass:
     top_k: int = 0
     top_p: float = 0.0
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top-p {self.top_p:g} is not a probability: use a value in (0, 1] (0 turns it off)")
+
     @property
     def greedy(self) -> bool:
         return self.top_k == 1
@@ -125,9 +129,13 @@ def parse_schedule(spec: str) -> Schedule:
         if len(parts) != 2:
             raise ValueError(f"bad pass {item!r} in {spec!r}: expected top_k:top_p, e.g. 1200:0.8")
         try:
-            passes.append(SamplingPass(int(parts[0]), float(parts[1])))
+            top_k, top_p = int(parts[0]), float(parts[1])
         except ValueError:
             raise ValueError(f"bad pass {item!r} in {spec!r}: top_k is an integer, top_p a number") from None
+        try:
+            passes.append(SamplingPass(top_k, top_p))
+        except ValueError as err:
+            raise ValueError(f"bad pass {item!r} in {spec!r}: {err}") from None
     if not passes:
         raise ValueError(f"empty sampling schedule {spec!r}")
     return tuple(passes)

@@ -25,11 +25,18 @@ import torch.nn.functional as F
 from tokenflow_cli.data.text_tokenizer import train_bpe_tokenizer
 from tokenflow_cli.eval.visual import save_png, tile, to_uint8
 from tokenflow_cli.generation.config import GeneratorRecipe, attach_code_space
-from tokenflow_cli.generation.data import CaptionedCodes, load_training_codes, make_collate, read_caption_table
+from tokenflow_cli.generation.data import (
+    CaptionedCodes,
+    codes_files,
+    load_training_codes,
+    make_collate,
+    read_caption_table,
+)
 from tokenflow_cli.generation.model import RefineBlock, TextBatch, build_generator
 from tokenflow_cli.generation.pipeline import TEXT_TOKENIZER_DIR, PromptEncoder, load_text_tokenizer, write_run_files
 from tokenflow_cli.generation.sampling import get_schedule
-from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer
+from tokenflow_cli.tokenizer.codes import read_codes_meta
+from tokenflow_cli.tokenizer.pipeline import check_codes_tokenizer, resolve_tokenizer, resolve_tokenizer_for_codes
 from tokenflow_cli.train.fsdp import transformer_blocks
 from tokenflow_cli.train.loop import Stage, TrainData
 
@@ -57,7 +64,13 @@ class GeneratorStage(Stage):
     def __init__(self, recipe: GeneratorRecipe, run_dir: str | Path) -> None:
         self.recipe = recipe
         self._notes: list[str] = []
-        resolved = resolve_tokenizer(recipe.data.tokenizer or None, torch.device("cpu"))
+        data = recipe.data
+        if data.codes and not data.tokenizer:  # the tokenizer that made the codes
+            first = codes_files(data.codes)[0]
+            resolved = resolve_tokenizer_for_codes(read_codes_meta(first), None, torch.device("cpu"), first)
+        else:
+            resolved = resolve_tokenizer(data.tokenizer or None, torch.device("cpu"))
+        self.resolved_image_tokenizer = resolved
         if resolved.random_init:
             self._notes.append(f"image tokenizer is {resolved.source}: the generator learns meaningless codes")
         self.image_tokenizer = resolved.tokenizer.eval().requires_grad_(False)
@@ -80,6 +93,9 @@ class GeneratorStage(Stage):
         if self.dist.is_main:
             write_run_files(self.run_dir, self.model, self.text_tokenizer, self.image_tokenizer_source)
         codes, self.captions, self.data_info = load_training_codes(self.recipe.data, self.image_tokenizer)
+        if self.data_info["codes_meta"] is not None:
+            check_codes_tokenizer(self.data_info["codes_meta"], self.resolved_image_tokenizer, self.recipe.data.codes,
+                                  self.data_info["scales"])
         if self.data_info["scales"] != tuple(self.model.scales):
             raise ValueError(f"codes have scales {self.data_info['scales']}, the generator {self.model.scales}")
         self.codes = codes

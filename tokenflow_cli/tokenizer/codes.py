@@ -94,6 +94,14 @@ def read_codes(path: Path, mmap: bool = False) -> CodesFile:
     return codes
 
 
+def read_codes_meta(path: Path) -> dict[str, Any]:
+    """A codes file's metadata alone (which tokenizer made it, ...), without reading the indices."""
+    with np.load(path, allow_pickle=False) as data:
+        if "meta" not in data.files:
+            raise ValueError(f"{path} is not a codes file: no metadata")
+        return json.loads(str(data["meta"]))
+
+
 def find_shards(path: Path) -> list[Path]:
     """All shards belonging to `path` (codes.npz -> codes-XXXXX-of-YYYYY.npz), in rank order."""
     path = Path(path)
@@ -112,6 +120,9 @@ def merge_codes(shards: list[Path], out: Path, delete: bool = False) -> CodesFil
             raise ValueError(f"{p}: scales {part.scales} differ from {first.scales}")
         if part.meta.get("codebook_size") != first.meta.get("codebook_size"):
             raise ValueError(f"{p}: codebook size differs from {shards[0]}")
+        if part.meta.get("tokenizer_sha256") != first.meta.get("tokenizer_sha256"):
+            raise ValueError(f"{p} and {shards[0]} were made by different tokenizers "
+                             f"({part.meta.get('tokenizer_source')} vs {first.meta.get('tokenizer_source')})")
     meta = dict(first.meta)
     meta["merged_from"] = [Path(p).name for p in shards]
     indices = np.concatenate([p.indices for p in parts]) if parts else first.indices

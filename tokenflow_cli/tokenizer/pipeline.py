@@ -55,6 +55,53 @@ def tokenizer_id(resolved: ResolvedModel) -> dict:
     return info
 
 
+class CodesTokenizerMismatch(ValueError):
+    """Codes and a tokenizer that did not make them."""
+
+
+def resolve_tokenizer_for_codes(meta: dict, model: str | None, device: torch.device,
+                                codes_path: str | Path) -> ResolvedModel:
+    """The tokenizer that made a codes file: `model` when given, else the checkpoint its metadata
+    names (`tokenizer_source`); either way checked against the codes (`check_codes_tokenizer`)."""
+    if model:
+        resolved = resolve_tokenizer(model, device)
+    elif meta.get("random_init"):  # only the same seeded stand-in decodes them
+        resolved = resolve_tokenizer(None, device)
+        if not resolved.random_init or resolved.source != meta.get("tokenizer_source"):
+            raise CodesTokenizerMismatch(
+                f"{codes_path} was made by a random-init tokenizer ({meta.get('tokenizer_source')}); "
+                f"the default is now {resolved.source}: pass --model to decode them anyway")
+    else:
+        source = meta.get("tokenizer_source", "")
+        if not source or not Path(source).is_file():
+            raise CodesTokenizerMismatch(
+                f"{codes_path} was made by the tokenizer {source or '(not recorded)'}, which is not there now; "
+                "pass --model with that checkpoint")
+        resolved = resolve_tokenizer(source, device)
+    check_codes_tokenizer(meta, resolved, codes_path)
+    return resolved
+
+
+def check_codes_tokenizer(meta: dict, resolved: ResolvedModel, codes_path: str | Path,
+                          scales: tuple[int, ...] | None = None) -> None:
+    """Refuse a tokenizer whose weights (sha256), codebook size or scales differ from the one
+    that made the codes; the error names both."""
+    tok = resolved.tokenizer
+    if scales is not None and tuple(scales) != tok.scales:
+        raise CodesTokenizerMismatch(f"{codes_path} has scales {tuple(scales)}; the tokenizer {resolved.source} "
+                                     f"has {tok.scales}")
+    if meta.get("codebook_size", tok.codebook_size) != tok.codebook_size:
+        raise CodesTokenizerMismatch(f"{codes_path} has codebook size {meta['codebook_size']}; the tokenizer "
+                                     f"{resolved.source} has {tok.codebook_size}")
+    expected = meta.get("tokenizer_sha256")
+    if expected and not resolved.random_init and Path(resolved.source).is_file():
+        actual = file_sha256(resolved.source)
+        if actual != expected:
+            raise CodesTokenizerMismatch(
+                f"{codes_path} was made by {meta.get('tokenizer_source')} (sha256 {expected[:12]}); "
+                f"{resolved.source} is a different tokenizer (sha256 {actual[:12]})")
+
+
 @dataclass
 class TokenizeResult:
     output: Path

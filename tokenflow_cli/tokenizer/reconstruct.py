@@ -13,7 +13,7 @@ from tokenflow_cli.data.images import ImageLoadError, load_image, resize_center_
 from tokenflow_cli.eval.image_metrics import psnr_uint8
 from tokenflow_cli.eval.visual import grid, save_png, to_uint8
 from tokenflow_cli.tokenizer.codes import read_codes
-from tokenflow_cli.tokenizer.pipeline import ResolvedModel, iterate_batches
+from tokenflow_cli.tokenizer.pipeline import ResolvedModel, check_codes_tokenizer, iterate_batches
 
 
 @dataclass
@@ -79,13 +79,7 @@ def reconstruct_codes_file(
 
     tok = resolved.tokenizer
     codes = read_codes(codes_path)
-    if tuple(codes.scales) != tok.scales:
-        raise ValueError(f"{codes_path} has scales {codes.scales}, the model {tok.scales}")
-    if codes.meta.get("codebook_size", tok.codebook_size) != tok.codebook_size:
-        raise ValueError(
-            f"{codes_path} was written with codebook size {codes.meta['codebook_size']}, "
-            f"the model has {tok.codebook_size}"
-        )
+    check_codes_tokenizer(codes.meta, resolved, codes_path, codes.scales)
     device = next(tok.parameters()).device
     out_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(tok.config, out_dir / "recipe.yaml")
