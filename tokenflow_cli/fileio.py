@@ -72,3 +72,21 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class UnwritableOutputError(OSError):
+    """An output path that cannot be written; raised before any work starts."""
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail early, naming the path, when `path` cannot be written: its folder cannot be created
+    or is not writable, or the path is a folder. Creates the missing parent folders."""
+    path = Path(path)
+    if path.is_dir():
+        raise UnwritableOutputError(f"output {path} is a folder; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UnwritableOutputError(f"cannot create the folder of output {path}: {err.strerror or err}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UnwritableOutputError(f"output {path} is not writable")

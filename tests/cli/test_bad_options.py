@@ -35,3 +35,24 @@ def test_top_p_must_be_a_probability_in_every_schedule_spelling():
     with pytest.raises(ValueError, match="bad pass '100:3'.*not a probability"):
         parse_schedule("1200:0.8,100:3")
     assert parse_schedule("600:0.6")[0] == SamplingPass(600, 0.6)
+
+
+def test_tokenize_with_no_readable_image_fails_and_keeps_the_old_output(tmp_path, cli_error):
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tmp_path / 'broken.png'}\n{tmp_path / 'missing.png'}\n")
+    out = tmp_path / "codes.npz"
+    out.write_bytes(b"earlier result")
+    res = runner.invoke(app, ["tokenize", str(listing), "-o", str(out), "--device", "cpu"])
+    cli_error(res, "none of the 2 inputs", "broken.png", code=1)
+    assert out.read_bytes() == b"earlier result"  # nothing existing overwritten
+
+
+def test_tokenize_checks_the_output_before_encoding(tmp_path, cli_error):
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    out = tmp_path / "blocker" / "codes.npz"
+    res = runner.invoke(app, ["tokenize", str(tmp_path / "no-such-images"), "-o", str(out), "--device", "cpu"])
+    cli_error(res, out, code=1)  # reported before the (missing) inputs are even listed
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    cli_error(runner.invoke(app, ["tokenize", str(tmp_path), "-o", str(folder)]), folder, "is a folder", code=1)

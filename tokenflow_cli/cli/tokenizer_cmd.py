@@ -73,18 +73,24 @@ def tokenize_cmd(
     device: DeviceOpt = "auto",
 ) -> None:
     """Images -> multi-scale shared indices in one .npz (per-scale views in the reader)."""
+    from tokenflow_cli.cli.progress import image_progress
     from tokenflow_cli.data.images import ImageLoadError
+    from tokenflow_cli.fileio import UnwritableOutputError, check_writable
     from tokenflow_cli.tokenizer.sharded import tokenize_distributed
 
-    resolved = _load_model(model, device)
+    try:
+        check_writable(output)  # before any image is encoded
+    except UnwritableOutputError as err:
+        raise fail(str(err)) from None
     paths = _list_inputs(inputs)
-    from tokenflow_cli.cli.progress import image_progress
-
+    resolved = _load_model(model, device)
     with image_progress(len(paths), "tokenize") as update:
         try:
             result = tokenize_distributed(resolved, paths, output, batch_size, workers, strict, update)
         except ImageLoadError as err:
             raise fail(f"--strict: {err}") from None
+        except ValueError as err:
+            raise fail(str(err)) from None
     if result is None:  # a non-zero rank under torchrun: rank 0 reports
         return
     _report_failures(result.failures, strict)

@@ -140,6 +140,7 @@ def tokenize_paths(
     strict: bool = False,
     progress: ProgressFn | None = None,
     extra_meta: dict | None = None,
+    allow_empty: bool = False,
 ) -> TokenizeResult:
     """Encode images into a codes file. Indices go to an on-disk memmap, so memory stays flat
     however many images there are; the final .npz is streamed from it and renamed into place."""
@@ -165,6 +166,10 @@ def tokenize_paths(
                 kept_paths.extend(str(p) for p in batch_paths)
             if progress:
                 progress(n + len(failures), len(failures), float(hit.float().mean()))
+        if n == 0 and not allow_empty:  # nothing written: an existing output stays as it was
+            reasons = "; ".join(f"{p}: {why}" for p, why in failures[:3])
+            detail = f" ({reasons})" if reasons else ""
+            raise ValueError(f"none of the {len(paths)} inputs is a readable image{detail}")
         meta = {
             "codebook_size": K,
             "resolution": tok.image_size,

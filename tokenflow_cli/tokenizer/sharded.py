@@ -35,6 +35,7 @@ def tokenize_distributed(
         workers,
         strict,
         progress if info.is_main else None,
+        allow_empty=True,  # a rank's slice may be empty; the merged result is what counts
     )
     gathered: list = [None] * info.world_size
     dist.all_gather_object(gathered, (result.n_images, result.failures, result.seconds))
