@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from tokenflow_cli import __version__
@@ -54,12 +55,19 @@ def save_model(module: torch.nn.Module, path: Path, config: Any, kind: str = "to
     save_weights(module.state_dict(), path, to_dict(config), kind)
 
 
+class UnreadableCheckpointError(ValueError):
+    """A weights file that is truncated, corrupt or not safetensors at all."""
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
     """Metadata of a safetensors file; `config` decoded from JSON."""
-    with safe_open(str(path), framework="pt") as fh:
-        meta = dict(fh.metadata() or {})
-    if "config" in meta:
-        meta["config"] = json.loads(meta["config"])
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+        if "config" in meta:
+            meta["config"] = json.loads(meta["config"])
+    except (SafetensorError, json.JSONDecodeError) as err:
+        raise UnreadableCheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {err}") from None
     return meta
 
 
@@ -67,7 +75,11 @@ def load_state(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return load_file(str(path), device=str(device)), read_metadata(path)
+    meta = read_metadata(path)  # first: a truncated file fails here with a clear message
+    try:
+        return load_file(str(path), device=str(device)), meta
+    except SafetensorError as err:
+        raise UnreadableCheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {err}") from None
 
 
 def resolve_weights_path(path_or_dir: str | Path) -> Path:

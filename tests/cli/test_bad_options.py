@@ -56,3 +56,23 @@ def test_tokenize_checks_the_output_before_encoding(tmp_path, cli_error):
     folder = tmp_path / "a-folder"
     folder.mkdir()
     cli_error(runner.invoke(app, ["tokenize", str(tmp_path), "-o", str(folder)]), folder, "is a folder", code=1)
+
+
+def test_truncated_or_foreign_checkpoint_is_one_line(tmp_path, tiny_tokenizer, cli_error):
+    from tokenflow_cli.checkpoint import save_model, save_weights
+
+    good = tmp_path / "tok.safetensors"
+    save_model(tiny_tokenizer, good, tiny_tokenizer.config)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"unused: the model fails first")
+    for cut in (100, good.stat().st_size // 2):
+        truncated = tmp_path / f"cut{cut}.safetensors"
+        truncated.write_bytes(good.read_bytes()[:cut])
+        res = runner.invoke(app, ["tokenize", str(images), "-o", str(tmp_path / "c.npz"), "-m", str(truncated)])
+        cli_error(res, truncated, "not a readable checkpoint", code=1)
+    foreign = tmp_path / "teacher.safetensors"
+    save_weights({"w": tiny_tokenizer.quantizer.semantic_codebook.weight.detach()}, foreign, {}, kind="teacher")
+    res = runner.invoke(app, ["tokenize", str(images), "-o", str(tmp_path / "c.npz"), "-m", str(foreign)])
+    cli_error(res, foreign, "not a tokenflow-cli tokenizer checkpoint", code=1)
+    assert not (tmp_path / "c.npz").exists()
