@@ -17,6 +17,8 @@ import open_clip
 import torch
 from huggingface_hub import try_to_load_from_cache
 
+from tokenflow_cli.checkpoint import WEIGHTS_NAME  # a run folder's weights
+
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
@@ -183,9 +185,6 @@ def tokenflow_home() -> Path:
 # Default models: one lookup order and one run-folder convention for every kind
 # --------------------------------------------------------------------------------------------
 
-RUN_WEIGHTS_NAME = "model.safetensors"  # a run folder's weights (checkpoint.WEIGHTS_NAME)
-
-
 @dataclass(frozen=True)
 class DefaultModel:
     """Where the default model of one kind is looked for when no --model is given, in order:
@@ -198,7 +197,7 @@ class DefaultModel:
     env: str  # environment variable naming a model
     home_name: str  # run folder under TOKENFLOW_HOME
     asset: str = ""  # run folder or file under ASSETS_DIR; "" = none shipped
-    markers: tuple[str, ...] = (RUN_WEIGHTS_NAME,)  # any of these in a folder makes it a model
+    markers: tuple[str, ...] = (WEIGHTS_NAME,)  # any of these in a folder makes it a model
 
     def candidates(self) -> list[Path]:
         env = os.environ.get(self.env)

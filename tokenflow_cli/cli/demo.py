@@ -140,12 +140,13 @@ def evaluate_step(ctx: DemoContext) -> None:
 
 def install_step(ctx: DemoContext) -> None:
     """Copy the trained tokenizer to the default location `tokenize` looks in first."""
+    from tokenflow_cli.checkpoint import WEIGHTS_NAME
     from tokenflow_cli.fileio import atomic_path
-    from tokenflow_cli.weights import DEFAULT_TOKENIZER, RUN_WEIGHTS_NAME, tokenflow_home
+    from tokenflow_cli.weights import DEFAULT_TOKENIZER, tokenflow_home
 
     if not ctx.install:
         return
-    target = tokenflow_home() / DEFAULT_TOKENIZER.home_name / RUN_WEIGHTS_NAME
+    target = tokenflow_home() / DEFAULT_TOKENIZER.home_name / WEIGHTS_NAME
     with atomic_path(target) as tmp:
         shutil.copyfile(ctx.tokenizer_path, tmp)
     first = DEFAULT_TOKENIZER.find()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from tokenflow_cli.checkpoint import WEIGHTS_NAME
 from tokenflow_cli.data.text_tokenizer import add_special_tokens, train_bpe_tokenizer
 from tokenflow_cli.device import dtype_of
 from tokenflow_cli.understanding.config import LlavaModelConfig
@@ -27,7 +28,6 @@ from tokenflow_cli.understanding.model import LLAVA_JSON, PROJECTOR_NAME, LlavaM
 
 SKELETON_DIR = "llava-base"
 FINAL_DIR = "final"
-WEIGHTS_NAME = "model.safetensors"  # = checkpoint.WEIGHTS_NAME
 
 
 def locate_llava(path: str | Path) -> tuple[Path, Path | None]:

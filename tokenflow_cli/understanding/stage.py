@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tokenflow_cli.checkpoint import load_state
+from tokenflow_cli.checkpoint import WEIGHTS_NAME, load_state
 from tokenflow_cli.config import ConfigError
 from tokenflow_cli.distributed import barrier
 from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, tokenizer_id
@@ -23,7 +23,7 @@ from tokenflow_cli.train.fsdp import is_sharded, transformer_blocks
 from tokenflow_cli.train.loop import Stage, TrainData, TrainResult, train
 from tokenflow_cli.train.parallel import enable_activation_checkpointing
 from tokenflow_cli.train.state import latest_checkpoint
-from tokenflow_cli.understanding.build import FINAL_DIR, SKELETON_DIR, WEIGHTS_NAME, build_llava
+from tokenflow_cli.understanding.build import FINAL_DIR, SKELETON_DIR, build_llava
 from tokenflow_cli.understanding.config import LlavaRecipe, stage_train_config, validate
 from tokenflow_cli.understanding.conversation import IGNORE_INDEX
 from tokenflow_cli.understanding.data import (
