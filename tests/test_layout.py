@@ -15,7 +15,8 @@ import pytest
 ROOT = "tokenflow_cli"
 PKG_DIR = Path(__file__).resolve().parents[1] / ROOT
 
-CORE = {"config", "checkpoint", "fileio", "device", "distributed", "weights"}  # plus the package __init__
+# the core modules, plus the package __init__
+CORE = {"config", "checkpoint", "fileio", "device", "distributed", "weights", "hub", "errors"}
 PACKAGES = {"tokenizer", "generation", "understanding", "teacher", "train", "eval", "data", "cli"}
 DATA_FOLDERS = {"assets", "recipes"}  # no Python inside, allowed at the top level
 TOP_FILES = {"__init__.py", "__main__.py"} | {f"{name}.py" for name in CORE}

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from tokenflow_cli.errors import UserError
 from tokenflow_cli.fileio import atomic_write_text
 
 T = TypeVar("T")
@@ -30,7 +31,7 @@ T = TypeVar("T")
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # built-in recipes, shipped in the package
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A recipe or override that does not fit the dataclasses."""
 
 

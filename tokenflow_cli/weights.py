@@ -18,11 +18,12 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 
 from tokenflow_cli.checkpoint import WEIGHTS_NAME  # a run folder's weights
+from tokenflow_cli.errors import UserError
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(UserError, FileNotFoundError):
     """Pretrained weights named by a recipe are not on this machine."""
 
 

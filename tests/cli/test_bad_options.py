@@ -74,5 +74,5 @@ def test_truncated_or_foreign_checkpoint_is_one_line(tmp_path, tiny_tokenizer, c
     foreign = tmp_path / "teacher.safetensors"
     save_weights({"w": tiny_tokenizer.quantizer.semantic_codebook.weight.detach()}, foreign, {}, kind="teacher")
     res = runner.invoke(app, ["tokenize", str(images), "-o", str(tmp_path / "c.npz"), "-m", str(foreign)])
-    cli_error(res, foreign, "not a tokenflow-cli tokenizer checkpoint", code=1)
+    cli_error(res, foreign, "is a teacher checkpoint", "a tokenizer checkpoint is needed", code=1)
     assert not (tmp_path / "c.npz").exists()

@@ -88,7 +88,7 @@ def test_not_a_tokenizer_checkpoint_is_refused(tmp_path):
     from tokenflow_cli.checkpoint import save_weights
 
     save_weights({"x": torch.zeros(1)}, tmp_path / "other.safetensors", {}, kind="generator")
-    with pytest.raises(ValueError, match="not a tokenflow-cli tokenizer"):
+    with pytest.raises(ValueError, match="is a generator checkpoint .*a tokenizer checkpoint is needed"):
         load_tokenizer(tmp_path / "other.safetensors")
 
 

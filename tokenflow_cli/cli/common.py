@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +20,24 @@ app = typer.Typer(
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 
+
+class CliState:
+    """Set by the global options before a command runs."""
+
+    debug: bool = False  # --debug or TOKENFLOW_DEBUG=1: show the traceback of a user error too
+
+
+def debug_from_env() -> bool:
+    return os.environ.get("TOKENFLOW_DEBUG", "") not in ("", "0")
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False,
+) -> None:
+    """TokenFlow unified image tokenizer toolkit: train, tokenize, reconstruct, generate, understand, evaluate."""
+    CliState.debug = debug or debug_from_env()  # set afresh for every invocation
+
 ModelOpt = Annotated[
     str | None,
     typer.Option("--model", "-m", help="Checkpoint (.safetensors) or run folder; default: the built-in tokenizer."),
@@ -33,7 +53,7 @@ RecipeArg = Annotated[str, typer.Argument(help="Recipe YAML file or built-in rec
 ResumeOpt = Annotated[
     bool, typer.Option("--resume/--no-resume", help="Resume from the run folder's last checkpoint (auto).")
 ]
-BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable input instead of skipping it.")]
 
 
@@ -45,8 +65,11 @@ def positive(value: float | None) -> float | None:
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    """Print a one-line error in red and return the exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}")
+    """Print a one-line error in red and return the exit to raise. Called while handling an
+    exception with --debug on, it re-raises that exception instead (its traceback is wanted)."""
+    if CliState.debug and sys.exc_info()[1] is not None:
+        raise  # noqa: PLE0704  (the exception being handled by the caller)
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code)
 
 

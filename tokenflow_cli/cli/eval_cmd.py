@@ -36,9 +36,10 @@ def vqa_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Questions per batch.")] = 32,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer.")] = 16,
     device: DeviceOpt = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="LLM: auto (the model's) | fp32 | bf16 | fp16.")] = "auto",
 ) -> None:
     """Exact match after normalisation, per question type, plus MME-style yes/no acc and acc+."""
-    from tokenflow_cli.cli.understanding_cmd import load_for_inference
+    from tokenflow_cli.cli.understanding_cmd import load_for_inference, precision_name
     from tokenflow_cli.fileio import atomic_write_text
     from tokenflow_cli.understanding.vqa import answer_questions, is_yes_no, load_vqa_items, score_vqa
 
@@ -50,7 +51,7 @@ def vqa_cmd(
     items = items[:limit] if limit else items
     if not items:
         raise fail(f"{data}: no questions{' with yes/no answers' if yes_no else ''}")
-    loaded = load_for_inference(model, tokenizer, device)
+    loaded = load_for_inference(model, tokenizer, device, precision_name(dtype))
     with count_progress(len(items), "vqa") as update:
         predictions = answer_questions(
             loaded.model, loaded.features, items, batch_size, max_new_tokens, progress=update
@@ -61,6 +62,7 @@ def vqa_cmd(
         tokenizer=loaded.tokenizer_source,
         data=str(data),
         features=loaded.model.config.features,
+        dtype=loaded.dtype,
         warnings=loaded.warnings,
     )
     output.mkdir(parents=True, exist_ok=True)

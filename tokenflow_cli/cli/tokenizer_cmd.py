@@ -28,14 +28,15 @@ def _load_model(model: str | None, device: str, codes: Path | None = None):
     """The tokenizer to use; for a codes file, the one that made it (from its metadata, or
     --model checked against it)."""
     from tokenflow_cli.device import resolve_device
-    from tokenflow_cli.tokenizer.codes import read_codes_meta
+    from tokenflow_cli.tokenizer.codes import list_codes_files, read_codes_meta
     from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, resolve_tokenizer_for_codes
 
     try:
         if codes is None:
             resolved = resolve_tokenizer(model, resolve_device(device))
         else:
-            resolved = resolve_tokenizer_for_codes(read_codes_meta(codes), model, resolve_device(device), codes)
+            first = list_codes_files(codes)[0]  # a codes file, or the first shard of a sharded folder
+            resolved = resolve_tokenizer_for_codes(read_codes_meta(first), model, resolve_device(device), codes)
     except (FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None
     note = " [bold yellow](random init: outputs are meaningless)[/]" if resolved.random_init else ""
@@ -52,6 +53,15 @@ def _list_inputs(source: str) -> list[Path]:
         raise fail(str(err)) from None
 
 
+def _open_inputs(spec: str, image_column: str | None):
+    from tokenflow_cli.data.sources import open_source
+
+    try:
+        return open_source(spec, image_column)
+    except (FileNotFoundError, ValueError) as err:  # ImageSourceError is a ValueError
+        raise fail(str(err)) from None
+
+
 def _report_failures(failures: list[tuple[str, str]], strict: bool) -> None:
     if not failures:
         return
@@ -62,42 +72,67 @@ def _report_failures(failures: list[tuple[str, str]], strict: bool) -> None:
         err_console.print(f"  ... and {len(failures) - 10} more")
 
 
+ShardSizeOpt = Annotated[int | None, typer.Option(
+    "--shard-size", min=1, help="Write -o DIR as codes-00000.npz ... of N images each plus manifest.json (resumable).")]
+ImageColumnOpt = Annotated[str | None, typer.Option(
+    "--image-column", help="Image column of a datasets/parquet input (default: the first image-typed one).")]
+
+
 @app.command("tokenize")
 def tokenize_cmd(
-    inputs: Annotated[str, typer.Argument(help="Folder (recursive), glob, or text file of image paths.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Codes file to write (.npz).")] = Path("codes.npz"),
+    inputs: Annotated[str, typer.Argument(help=(
+        "Images: a folder (recursive), glob, list file, webdataset .tar shards (path, glob or "
+        "{000..099} pattern), a `datasets` save_to_disk folder, or .parquet files."))],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Codes file to write (.npz); with --shard-size, a folder.")] = Path("codes.npz"),
     model: ModelOpt = None,
     batch_size: BatchOpt = 16,
-    workers: Annotated[int, typer.Option("--workers", "-j", help="DataLoader worker processes.")] = 0,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="Image decoding threads.")] = 0,
+    shard_size: ShardSizeOpt = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="With --shard-size: keep the finished shards in -o and do the rest.")] = False,
+    image_column: ImageColumnOpt = None,
     strict: StrictOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Images -> multi-scale shared indices in one .npz (per-scale views in the reader)."""
+    """Images -> multi-scale shared indices in one .npz (per-scale views in the reader), or a
+    resumable folder of shards (--shard-size). Runs under torchrun across processes and nodes."""
     from tokenflow_cli.cli.progress import image_progress
     from tokenflow_cli.data.images import ImageLoadError
-    from tokenflow_cli.fileio import UnwritableOutputError, check_writable
+    from tokenflow_cli.errors import UserError
+    from tokenflow_cli.fileio import UnwritableOutputError, check_writable, check_writable_dir
     from tokenflow_cli.tokenizer.sharded import tokenize_distributed
+    from tokenflow_cli.tokenizer.shards import tokenize_to_shards
 
-    try:
-        check_writable(output)  # before any image is encoded
+    if resume and shard_size is None:
+        raise fail("--resume needs --shard-size (a one-file output is written whole or not at all)")
+    try:  # before any image is encoded
+        check_writable_dir(output) if shard_size else check_writable(output)
     except UnwritableOutputError as err:
         raise fail(str(err)) from None
-    paths = _list_inputs(inputs)
+    source = _open_inputs(inputs, image_column)
     resolved = _load_model(model, device)
-    with image_progress(len(paths), "tokenize") as update:
+    with image_progress(source.count or 0, "tokenize") as update:
         try:
-            result = tokenize_distributed(resolved, paths, output, batch_size, workers, strict, update)
+            if shard_size:
+                result = tokenize_to_shards(resolved, source, output, shard_size, batch_size, workers, strict,
+                                            resume, update)
+            else:
+                result = tokenize_distributed(resolved, source, output, batch_size, workers, strict, update)
         except ImageLoadError as err:
             raise fail(f"--strict: {err}") from None
-        except ValueError as err:
+        except UserError as err:  # a run that cannot resume, a full disk
             raise fail(str(err)) from None
     if result is None:  # a non-zero rank under torchrun: rank 0 reports
         return
     _report_failures(result.failures, strict)
+    tok = resolved.tokenizer
+    shards = (f" in {result.total_shards} shards ({result.shards_skipped} already done, "
+              f"{result.shards_written} written)" if shard_size else "")
     console.print(
-        f"wrote [bold]{result.output}[/]: {result.n_images} images x {resolved.tokenizer.num_tokens} tokens, "
-        f"scales {list(resolved.tokenizer.scales)}, {result.images_per_s:.1f} images/s, "
-        f"codebook usage {100 * result.usage_share:.1f}% of {resolved.tokenizer.codebook_size}"
+        f"wrote [bold]{result.output}[/]: {result.n_images} images x {tok.num_tokens} tokens{shards}, "
+        f"scales {list(tok.scales)}, {result.images_per_s:.1f} images/s, "
+        f"codebook usage {100 * result.usage_share:.1f}% of {tok.codebook_size}"
     )
 
 
@@ -108,15 +143,16 @@ def reconstruct_cmd(
     model: ModelOpt = None,
     batch_size: BatchOpt = 16,
     strict: StrictOpt = False,
-    max_grid: Annotated[int, typer.Option("--max-grid", help="Rows in grid.png.")] = 16,
+    max_grid: Annotated[int, typer.Option("--max-grid", min=1, help="Rows in grid.png.")] = 16,
     device: DeviceOpt = "auto",
 ) -> None:
     """Images or a codes file -> reconstructed PNGs, plus an original | reconstruction grid."""
     from tokenflow_cli.cli.progress import image_progress
     from tokenflow_cli.data.images import ImageLoadError
+    from tokenflow_cli.tokenizer.codes import MANIFEST_NAME
     from tokenflow_cli.tokenizer.reconstruct import reconstruct_codes_file, reconstruct_images
 
-    is_codes = inputs.endswith(".npz") and Path(inputs).is_file()
+    is_codes = (inputs.endswith(".npz") and Path(inputs).is_file()) or (Path(inputs) / MANIFEST_NAME).is_file()
     resolved = _load_model(model, device, Path(inputs) if is_codes else None)
     paths = [] if is_codes else _list_inputs(inputs)
     total = 0 if is_codes else len(paths)

@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenflow_cli.cli.common import fail
-
-EXIT_USER_ERROR = 1
-EXIT_NON_FINITE_LOSS = 3
+from tokenflow_cli.errors import EXIT_NON_FINITE_LOSS, EXIT_USER_ERROR, UserError
 
 
 @dataclass
@@ -52,7 +50,7 @@ def run_training(
         result = train_fn(recipe, run_dir)
     except NonFiniteLossError as err:
         raise fail(str(err), EXIT_NON_FINITE_LOSS) from None
-    except (FileNotFoundError, ValueError) as err:  # ConfigError, missing weights, bad data: all user errors
+    except (UserError, FileNotFoundError, ValueError) as err:  # bad config or data, missing weights, full disk
         raise fail(str(err), EXIT_USER_ERROR) from None
     finally:
         cleanup()

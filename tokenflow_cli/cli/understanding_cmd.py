@@ -37,20 +37,61 @@ LlavaModelOpt = Annotated[
 TokenizerOpt = Annotated[
     str | None, typer.Option("--tokenizer", help="Tokenizer checkpoint to use instead of the one the model names.")
 ]
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
 
 
-def load_for_inference(model: str | None, tokenizer: str | None, device: str):
+def precision_name(value: str | None) -> str | None:
+    """Option callback: auto or a precision name (checked at parse time, torch not imported)."""
+    if value is not None and value not in ("auto", *PRECISION_NAMES):
+        raise typer.BadParameter(f"{value!r} is not one of auto, {', '.join(PRECISION_NAMES)}")
+    return value
+
+
+LlmDtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        callback=precision_name,
+        help="LLM weights: auto (the precision the model records, bf16 for a converted release) | fp32 | bf16 | fp16.",
+    ),
+]
+
+
+def load_for_inference(model: str | None, tokenizer: str | None, device: str, dtype: str = "auto"):
     from tokenflow_cli.device import resolve_device
     from tokenflow_cli.understanding.pipeline import load_understanding
 
     quiet_transformers()
     try:
-        loaded = load_understanding(model, resolve_device(device), tokenizer)
+        loaded = load_understanding(model, resolve_device(device), tokenizer, dtype)
     except (FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None
     for warning in loaded.warnings:
         err_console.print(f"[bold yellow]warning:[/] {warning}")
     return loaded
+
+
+def inference_settings(loaded, **sampling) -> dict:
+    """Which model, precision and settings an answer came from (printed and put in JSON)."""
+    model = loaded.model
+    return {
+        "model": str(loaded.model_dir),
+        "llm": model.lm.config.model_type,
+        "dtype": loaded.dtype,
+        "device": str(next(model.parameters()).device),
+        "tokenizer": loaded.tokenizer_source,
+        "features": model.config.features,
+        "visual_tokens": model.num_visual_tokens,
+        "template": model.config.chat_template,
+        **sampling,
+    }
+
+
+def settings_line(settings: dict) -> str:
+    shown = {k: v for k, v in settings.items() if k not in ("model", "tokenizer")}
+    return f"model {settings['model']} (tokenizer {settings['tokenizer']}): " + ", ".join(
+        f"{k} {v}" for k, v in shown.items()
+    )
 
 
 @app.command("ask")
@@ -59,18 +100,27 @@ def ask_cmd(
     question: Annotated[str, typer.Argument(help="Question about the image.")],
     model: LlavaModelOpt = None,
     tokenizer: TokenizerOpt = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer in tokens.")] = 128,
-    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy; > 0 samples.")] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer in tokens.")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy; > 0 samples.")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    dtype: LlmDtypeOpt = "auto",
 ) -> None:
-    """Answer a question about an image, streaming the answer as it is generated."""
+    """Answer a question about an image, streaming the answer as it is generated (which model,
+    precision and settings it used go to stderr)."""
     import torch
 
-    from tokenflow_cli.data.images import ImageLoadError
+    from tokenflow_cli.data.images import ImageLoadError, load_image
 
-    loaded = load_for_inference(model, tokenizer, device)
+    try:
+        load_image(image)  # before any model is loaded
+    except ImageLoadError as err:
+        raise fail(str(err)) from None
+    loaded = load_for_inference(model, tokenizer, device, dtype)
+    sampling = {"temperature": temperature, "max_new_tokens": max_new_tokens}
+    settings = inference_settings(loaded, **sampling, **({"seed": seed} if temperature > 0 else {}))
+    err_console.print(settings_line(settings), highlight=False, soft_wrap=True)  # stdout: the answer only
     try:
         visual_1NC = loaded.visual_tokens([image])
     except ImageLoadError as err:
@@ -91,10 +141,7 @@ def ask_cmd(
         "image": str(image),
         "question": question,
         "answer": answer,
-        "model": str(loaded.model_dir),
-        "tokenizer": loaded.tokenizer_source,
-        "features": loaded.model.config.features,
-        "temperature": temperature,
+        **settings,
         "seconds": round(time.perf_counter() - start, 3),
         "warnings": loaded.warnings,
     }
@@ -114,6 +161,14 @@ def finetune_llava_cmd(
     set_: SetOpt = None,
     resume: ResumeOpt = True,
     device: DeviceOpt = "auto",
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype",
+            callback=precision_name,
+            help="LLM weights (model.llm_dtype): fp32 | bf16 | fp16 (default: the recipe's).",
+        ),
+    ] = None,
 ) -> None:
     """LLaVA-style finetuning on frozen TokenFlow features (checkpoints, resume, torchrun)."""
     from tokenflow_cli.understanding.config import LlavaRecipe, validate
@@ -122,6 +177,7 @@ def finetune_llava_cmd(
     if stage not in (1, 2):
         raise fail(f"--stage must be 1 or 2, got {stage}")
     overrides = list(set_ or []) + ([f"model.init={init}"] if init else [])
+    overrides += [f"model.llm_dtype={dtype}"] if dtype and dtype != "auto" else []
     quiet_transformers()
     run = run_training(recipe, LlavaRecipe, overrides, output, lambda r: f"llava-stage{stage}",
                        lambda r, run_dir: finetune_llava(r, stage, run_dir, device=device, resume=resume),

@@ -7,6 +7,7 @@ Conventions (docs/ARCHITECTURE.md): tensors given to the tokenizer are float (3,
 from __future__ import annotations
 
 import glob
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,19 +15,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import RandomResizedCrop  # torch RNG: seeded per DataLoader worker
+
+from tokenflow_cli.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
 WHITE = (255, 255, 255)
 
 
-class ImageSourceError(ValueError):
+class ImageSourceError(UserError, ValueError):
     """An image source (folder, glob, list file) that yields no images or cannot be read."""
 
 
-class ImageLoadError(Exception):
+class ImageLoadError(UserError, Exception):
     """A file that is not a decodable image: missing, corrupt, truncated or of unknown format."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
@@ -138,23 +141,28 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK (Adobe inversion is handled by the JPEG decoder), YCbCr
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode `path` fully and return an 8-bit RGB image, rotated by its EXIF orientation.
+def load_image(path: str | Path | bytes, name: str | None = None) -> Image.Image:
+    """Decode `path` (or the encoded bytes of an image, named `name` in errors) fully and return
+    an 8-bit RGB image, rotated by its EXIF orientation.
 
     Raises `ImageLoadError` for missing, unknown, corrupt or truncated files: the pixels are
     actually decoded here (`Image.verify` only checks headers and misses truncation).
     """
+    label = name or ("<bytes>" if isinstance(path, bytes) else str(path))
+    source = io.BytesIO(path) if isinstance(path, bytes) else path
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
             upright = ImageOps.exif_transpose(img)
             return to_rgb(upright)
     except Image.DecompressionBombError as err:
-        raise ImageLoadError(path, f"too large ({err})") from err
+        raise ImageLoadError(label, f"too large ({err})") from err
     except FileNotFoundError as err:
-        raise ImageLoadError(path, "file not found") from err
+        raise ImageLoadError(label, "file not found") from err
+    except UnidentifiedImageError as err:
+        raise ImageLoadError(label, "not an image in a format Pillow reads") from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageLoadError(path, f"{type(err).__name__}: {err}") from err
+        raise ImageLoadError(label, f"{type(err).__name__}: {err}") from err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+from tokenflow_cli.errors import UserError
 from tokenflow_cli.fileio import atomic_path, file_sha256
 from tokenflow_cli.weights import FID_INCEPTION, default_location, fid_helper_source
 
@@ -31,7 +32,7 @@ LOGITS_DIM = 1008  # torch-fidelity's fc: 1008 TF classes
 SCRIPT_SUFFIXES = ("weight", "beta", "mean", "var")  # one TorchScript conv unit
 
 
-class FidWeightsError(RuntimeError):
+class FidWeightsError(UserError, RuntimeError):
     """The source network does not map onto torch-fidelity's Inception, or outputs disagree."""
 
 

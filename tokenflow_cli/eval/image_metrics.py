@@ -25,6 +25,7 @@ from torch import nn
 
 from tokenflow_cli import weights
 from tokenflow_cli.data.images import uint8_to_pm1
+from tokenflow_cli.errors import UserError
 
 SSIM_SETTINGS = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255, K1=0.01, K2=0.03)
 SSIM_PROTOCOL = ("skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5, "
@@ -54,7 +55,7 @@ def ssim(a_BHW3: np.ndarray, b_BHW3: np.ndarray) -> np.ndarray:
 LPIPS_BACKBONES = {"vgg": "lpips-vgg", "alex": "lpips-alex"}
 
 
-class MissingLpipsBackboneError(FileNotFoundError):
+class MissingLpipsBackboneError(UserError, FileNotFoundError):
     """The LPIPS backbone weights are nowhere `weights.find_weight_file` looks."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,13 @@ from typing import Any
 import numpy as np
 
 from tokenflow_cli import __version__
+from tokenflow_cli.errors import UserError
 from tokenflow_cli.fileio import atomic_path
 from tokenflow_cli.tokenizer.scales import ScaleLayout
 
 SHARD_RE = re.compile(r"-(\d{5})-of-(\d{5})\.npz$")
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest zip date: member timestamps carry no information
+MANIFEST_NAME = "manifest.json"  # a sharded codes folder (`tokenize --shard-size`): docs/CODES.md
 
 
 @dataclass
@@ -72,33 +77,61 @@ def write_codes(
     meta = {"tool": "tokenflow-cli", "tool_version": __version__, **(meta or {})}
     if indices.dtype != np.int32:
         indices = indices.astype(np.int32)
-    with atomic_path(Path(path), suffix=".npz") as tmp, open(tmp, "wb") as fh:
-        np.savez(
-            fh,
-            indices=indices,
-            scales=np.asarray(scales, dtype=np.int32),
-            paths=np.asarray([str(p) for p in paths], dtype=np.str_),
-            meta=np.asarray(json.dumps(meta)),
-        )
+    arrays = {
+        "indices": indices,
+        "scales": np.asarray(scales, dtype=np.int32),
+        "paths": np.asarray([str(p) for p in paths], dtype=np.str_),
+        "meta": np.asarray(json.dumps(meta, sort_keys=True)),
+    }
+    with atomic_path(Path(path), suffix=".npz") as tmp:
+        _savez_reproducible(tmp, arrays)
+
+
+def _savez_reproducible(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """`np.savez` with fixed zip timestamps: the same codes give the same bytes (and checksum), so
+    a resumed sharded run can be compared file by file with an uninterrupted one. A memmap is
+    streamed into the zip by `write_array` in chunks."""
+    with zipfile.ZipFile(path, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=ZIP_EPOCH)
+            with archive.open(info, mode="w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+
+class UnreadableCodesError(UserError, ValueError):
+    """A file that is not a (complete) codes file."""
+
+
+@contextmanager
+def _open_npz(path: Path):
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            yield data
+    except FileNotFoundError:
+        raise UnreadableCodesError(f"codes file not found: {path}") from None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, KeyError) as err:
+        if isinstance(err, UnreadableCodesError):
+            raise
+        raise UnreadableCodesError(f"{path} is not a readable codes file (truncated or not .npz?): {err}") from None
 
 
 def read_codes(path: Path, mmap: bool = False) -> CodesFile:
-    with np.load(path, allow_pickle=False) as data:
+    with _open_npz(path) as data:
         missing = {"indices", "scales", "paths", "meta"} - set(data.files)
         if missing:
-            raise ValueError(f"{path} is not a codes file: missing {sorted(missing)}")
+            raise UnreadableCodesError(f"{path} is not a codes file: missing {sorted(missing)}")
         scales = tuple(int(s) for s in data["scales"])
         codes = CodesFile(data["indices"], scales, data["paths"], json.loads(str(data["meta"])))
     if codes.indices.shape[1] != ScaleLayout(scales).num_tokens:
-        raise ValueError(f"{path}: indices width {codes.indices.shape[1]} does not match scales {scales}")
+        raise UnreadableCodesError(f"{path}: indices width {codes.indices.shape[1]} does not match scales {scales}")
     return codes
 
 
 def read_codes_meta(path: Path) -> dict[str, Any]:
     """A codes file's metadata alone (which tokenizer made it, ...), without reading the indices."""
-    with np.load(path, allow_pickle=False) as data:
+    with _open_npz(path) as data:
         if "meta" not in data.files:
-            raise ValueError(f"{path} is not a codes file: no metadata")
+            raise UnreadableCodesError(f"{path} is not a codes file: no metadata")
         return json.loads(str(data["meta"]))
 
 
@@ -109,6 +142,43 @@ def find_shards(path: Path) -> list[Path]:
     return shards
 
 
+def list_codes_files(path: str | Path) -> list[Path]:
+    """The codes files `path` names: one codes file, a sharded folder (`manifest.json` and
+    `codes-00000.npz ...`, in shard order), or the base name of torchrun shards
+    (`codes.npz` -> `codes-00000-of-00002.npz ...`)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(path.glob("codes-[0-9][0-9][0-9][0-9][0-9].npz"))
+        if not files:
+            raise FileNotFoundError(f"no codes shards (codes-00000.npz ...) in the folder {path}")
+        return files
+    files = find_shards(path)
+    if not files:
+        raise FileNotFoundError(f"no codes file or shards at {path} (write one with `tokenflow tokenize`)")
+    return files
+
+
+class CodesMismatchError(UserError, ValueError):
+    """Codes files that cannot be read together (other tokenizer, scales or codebook)."""
+
+
+def check_compatible(first: tuple[Path, dict, tuple], other: tuple[Path, dict, tuple]) -> None:
+    """Refuse to combine codes of two tokenizers (or two scale schedules / codebook sizes)."""
+    (p0, m0, s0), (p1, m1, s1) = first, other
+    if s1 != s0:
+        raise CodesMismatchError(f"{p1} has scales {s1}, {p0} has {s0}")
+    k0, k1 = m0.get("codebook_size"), m1.get("codebook_size")
+    if k1 != k0:
+        raise CodesMismatchError(f"{p1} has codebook size {k1}, {p0} has {k0}")
+    both_hashed = m0.get("tokenizer_sha256") and m1.get("tokenizer_sha256")
+    made_by = "tokenizer_sha256" if both_hashed else "tokenizer_source"  # the same weights, wherever they lie
+    if m1.get(made_by) != m0.get(made_by):
+        raise CodesMismatchError(f"{p1} and {p0} were made by different tokenizers "
+                                 f"({m1.get('tokenizer_source')} vs {m0.get('tokenizer_source')})")
+
+
 def merge_codes(shards: list[Path], out: Path, delete: bool = False) -> CodesFile:
     """Concatenate shards (same scales and codebook) into one file."""
     if not shards:
@@ -116,13 +186,7 @@ def merge_codes(shards: list[Path], out: Path, delete: bool = False) -> CodesFil
     parts = [read_codes(p) for p in shards]
     first = parts[0]
     for p, part in zip(shards, parts):
-        if part.scales != first.scales:
-            raise ValueError(f"{p}: scales {part.scales} differ from {first.scales}")
-        if part.meta.get("codebook_size") != first.meta.get("codebook_size"):
-            raise ValueError(f"{p}: codebook size differs from {shards[0]}")
-        if part.meta.get("tokenizer_sha256") != first.meta.get("tokenizer_sha256"):
-            raise ValueError(f"{p} and {shards[0]} were made by different tokenizers "
-                             f"({part.meta.get('tokenizer_source')} vs {first.meta.get('tokenizer_source')})")
+        check_compatible((shards[0], first.meta, first.scales), (p, part.meta, part.scales))
     meta = dict(first.meta)
     meta["merged_from"] = [Path(p).name for p in shards]
     indices = np.concatenate([p.indices for p in parts]) if parts else first.indices

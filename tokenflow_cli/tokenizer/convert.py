@@ -28,6 +28,7 @@ import torch
 
 from tokenflow_cli.checkpoint import save_weights
 from tokenflow_cli.config import load_recipe, to_dict
+from tokenflow_cli.errors import UserError
 from tokenflow_cli.tokenizer.config import ModelConfig, TokenizerRecipe
 from tokenflow_cli.tokenizer.model import TokenFlowTokenizer
 
@@ -109,7 +110,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ENTRY_ORDER = ("ema", "model", "state_dict")  # the official loaders' order
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """The file cannot become one of our checkpoints; the message lists every problem."""
 
 

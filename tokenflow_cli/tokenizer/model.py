@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenflow_cli.checkpoint import load_state, resolve_weights_path
+from tokenflow_cli.checkpoint import load_state, require_kind, resolve_weights_path
 from tokenflow_cli.config import from_dict
 from tokenflow_cli.tokenizer.config import ModelConfig
 from tokenflow_cli.tokenizer.pixel import PixelDecoder, PixelEncoder, downsample_factor
@@ -214,9 +214,7 @@ def load_tokenizer(path_or_dir: str, device: str | torch.device = "cpu") -> Toke
 
     path = resolve_weights_path(path_or_dir)
     state, meta = load_state(path, device="cpu")
-    if "config" not in meta or not str(meta.get("format", "")).endswith("/tokenizer"):
-        raise ValueError(f"{path} is not a tokenflow-cli tokenizer checkpoint (format={meta.get('format')!r})")
-    cfg = from_dict(ModelConfig, meta["config"], source=str(path))
+    cfg = from_dict(ModelConfig, require_kind(meta, path, "tokenizer"), source=str(path))
     build_cfg = dataclasses.replace(cfg, semantic_encoder=dataclasses.replace(cfg.semantic_encoder, pretrained=""))
     tok = TokenFlowTokenizer(build_cfg)
     tok.load_state_dict(state, strict=True)

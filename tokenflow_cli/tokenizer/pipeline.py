@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import numpy as np
 import torch
 
 from tokenflow_cli.config import load_recipe
-from tokenflow_cli.data.images import ImageDataset, collate_skip_bad
-from tokenflow_cli.fileio import file_sha256
+from tokenflow_cli.data.images import ImageDataset, ImageSourceError, collate_skip_bad
+from tokenflow_cli.data.sources import FileSource, ImageSource, SourceItem, decode_batch
+from tokenflow_cli.errors import UserError
+from tokenflow_cli.fileio import WRITE_FAULTS, file_sha256, write_failed
 from tokenflow_cli.tokenizer.codes import write_codes
 from tokenflow_cli.tokenizer.config import TokenizerRecipe
 from tokenflow_cli.tokenizer.model import TokenFlowTokenizer, build_tokenizer, load_tokenizer
@@ -55,7 +58,7 @@ def tokenizer_id(resolved: ResolvedModel) -> dict:
     return info
 
 
-class CodesTokenizerMismatch(ValueError):
+class CodesTokenizerMismatch(UserError, ValueError):
     """Codes and a tokenizer that did not make them."""
 
 
@@ -130,10 +133,21 @@ def iterate_batches(paths: list[Path], size: int, batch_size: int, workers: int,
         yield batch["image"], batch["path"], list(zip(batch["skipped"], batch["errors"]))
 
 
+def _item_batches(source: ImageSource, batch_size: int) -> Iterator[list[SourceItem]]:
+    batch: list[SourceItem] = []
+    for item in source.items():
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 @torch.no_grad()
 def tokenize_paths(
     resolved: ResolvedModel,
-    paths: list[Path],
+    paths: list[Path] | ImageSource,
     output: Path,
     batch_size: int = 16,
     workers: int = 0,
@@ -142,8 +156,10 @@ def tokenize_paths(
     extra_meta: dict | None = None,
     allow_empty: bool = False,
 ) -> TokenizeResult:
-    """Encode images into a codes file. Indices go to an on-disk memmap, so memory stays flat
-    however many images there are; the final .npz is streamed from it and renamed into place."""
+    """Encode images (a path list or any `ImageSource`: files, tar shards, datasets) into one
+    codes file; `workers` threads decode. Indices are appended to an on-disk buffer, so memory
+    stays flat however many images there are; the .npz is streamed from it and renamed into place."""
+    source = paths if isinstance(paths, ImageSource) else FileSource("paths", list(paths))
     tok = resolved.tokenizer
     device = next(tok.parameters()).device
     L, K = tok.num_tokens, tok.codebook_size
@@ -151,36 +167,46 @@ def tokenize_paths(
     kept_paths: list[str] = []
     failures: list[tuple[str, str]] = []
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=Path(output).parent if Path(output).parent.exists() else None) as tmp:
-        rows = np.lib.format.open_memmap(
-            Path(tmp) / "indices.npy", mode="w+", dtype=np.int32, shape=(max(len(paths), 1), L)
-        )
-        n = 0
-        for img, batch_paths, failed in iterate_batches(paths, tok.image_size, batch_size, workers, strict):
-            failures.extend(failed)
-            if len(batch_paths):
-                idx = tok.img_to_codes(img.to(device)).indices
-                hit[idx.reshape(-1)] = True
-                rows[n : n + idx.shape[0]] = idx.cpu().numpy().astype(np.int32)
-                n += idx.shape[0]
-                kept_paths.extend(str(p) for p in batch_paths)
-            if progress:
-                progress(n + len(failures), len(failures), float(hit.float().mean()))
-        if n == 0 and not allow_empty:  # nothing written: an existing output stays as it was
-            reasons = "; ".join(f"{p}: {why}" for p, why in failures[:3])
-            detail = f" ({reasons})" if reasons else ""
-            raise ValueError(f"none of the {len(paths)} inputs is a readable image{detail}")
-        meta = {
-            "codebook_size": K,
-            "resolution": tok.image_size,
-            "code_dim": tok.code_dim,
-            "failed": len(failures),
-            **tokenizer_id(resolved),
-            **(extra_meta or {}),
-        }
-        rows.flush()
-        write_codes(Path(output), rows[:n], tok.scales, kept_paths, meta)
-        del rows
+    pool = ThreadPoolExecutor(workers) if workers > 0 else None
+    folder = Path(output).parent if Path(output).parent.exists() else None
+    try:
+        with tempfile.TemporaryDirectory(dir=folder) as tmp, open(Path(tmp) / "indices.bin", "wb") as buffer:
+            n = 0
+            try:
+                for items in _item_batches(source, batch_size):
+                    batch = decode_batch(items, tok.image_size, strict, pool)
+                    failures.extend(batch.failures)
+                    if batch.images is not None:
+                        idx = tok.img_to_codes(batch.images.to(device)).indices
+                        hit[idx.reshape(-1)] = True
+                        buffer.write(idx.cpu().numpy().astype(np.int32).tobytes())
+                        n += idx.shape[0]
+                        kept_paths.extend(batch.keys)
+                    if progress:
+                        progress(n + len(failures), len(failures), float(hit.float().mean()))
+            finally:
+                if pool:
+                    pool.shutdown()
+            if n == 0 and not allow_empty:  # nothing written: an existing output stays as it was
+                reasons = "; ".join(f"{p}: {why}" for p, why in failures[:3])
+                detail = f" ({reasons})" if reasons else ""
+                raise ImageSourceError(f"none of the {len(failures)} inputs is a readable image{detail}")
+            meta = {
+                "codebook_size": K,
+                "resolution": tok.image_size,
+                "code_dim": tok.code_dim,
+                "failed": len(failures),
+                **tokenizer_id(resolved),
+                **(extra_meta or {}),
+            }
+            buffer.flush()
+            rows = np.memmap(buffer.name, dtype=np.int32, mode="r", shape=(n, L)) if n else np.zeros((0, L), np.int32)
+            write_codes(Path(output), rows, tok.scales, kept_paths, meta)
+            del rows
+    except OSError as err:
+        if err.errno in WRITE_FAULTS:  # the index buffer beside the output hit a full disk or a size limit
+            raise write_failed(Path(output), err) from err
+        raise
     return TokenizeResult(
         Path(output), n, len(failures), failures, time.perf_counter() - start, float(hit.float().mean())
     )

@@ -12,7 +12,7 @@ from tokenflow_cli.config import save_resolved
 from tokenflow_cli.data.images import ImageLoadError, load_image, resize_center_crop
 from tokenflow_cli.eval.image_metrics import psnr_uint8
 from tokenflow_cli.eval.visual import grid, save_png, to_uint8
-from tokenflow_cli.tokenizer.codes import read_codes
+from tokenflow_cli.tokenizer.codes import list_codes_files, read_codes
 from tokenflow_cli.tokenizer.pipeline import ResolvedModel, check_codes_tokenizer, iterate_batches
 
 
@@ -75,33 +75,38 @@ def reconstruct_images(
 def reconstruct_codes_file(
     resolved: ResolvedModel, codes_path: Path, out_dir: Path, batch_size: int = 16, max_grid: int = 16, progress=None
 ) -> ReconstructResult:
-    """Decode a codes file; when the original images still exist, grid them beside the output."""
+    """Decode a codes file or a sharded codes folder; when the original images still exist, grid
+    them beside the output."""
 
     tok = resolved.tokenizer
-    codes = read_codes(codes_path)
-    check_codes_tokenizer(codes.meta, resolved, codes_path, codes.scales)
     device = next(tok.parameters()).device
+    files = list_codes_files(codes_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(tok.config, out_dir / "recipe.yaml")
     used: set[str] = set()
     originals, recons, psnrs = [], [], []
-    for start in range(0, len(codes), batch_size):
-        idx = torch.from_numpy(codes.indices[start : start + batch_size].astype(np.int64)).to(device)
-        rec = to_uint8(tok.codes_to_img(idx))
-        batch_paths = codes.paths[start : start + batch_size]
-        for path, arr in zip(batch_paths, rec):
-            save_png(arr, out_dir / f"{_unique_name(str(path), used)}.png")
-        try:
-            orig = np.stack([np.asarray(resize_center_crop(load_image(p), tok.image_size)) for p in batch_paths])
-            psnrs.append(psnr_uint8(orig, rec))
-            if sum(len(o) for o in originals) < max_grid:
-                originals.append(orig)
-                recons.append(rec)
-        except (ImageLoadError, FileNotFoundError, OSError):
-            if sum(len(r) for r in recons) < max_grid:
-                recons.append(rec)
-        if progress:
-            progress(start + len(rec), 0, 0.0)
+    done = 0
+    for file in files:
+        codes = read_codes(file)
+        check_codes_tokenizer(codes.meta, resolved, file, codes.scales)
+        for start in range(0, len(codes), batch_size):
+            idx = torch.from_numpy(codes.indices[start : start + batch_size].astype(np.int64)).to(device)
+            rec = to_uint8(tok.codes_to_img(idx))
+            batch_paths = codes.paths[start : start + batch_size]
+            for path, arr in zip(batch_paths, rec):
+                save_png(arr, out_dir / f"{_unique_name(str(path), used)}.png")
+            try:
+                orig = np.stack([np.asarray(resize_center_crop(load_image(p), tok.image_size)) for p in batch_paths])
+                psnrs.append(psnr_uint8(orig, rec))
+                if sum(len(o) for o in originals) < max_grid:
+                    originals.append(orig)
+                    recons.append(rec)
+            except (ImageLoadError, FileNotFoundError, OSError):
+                if sum(len(r) for r in recons) < max_grid:
+                    recons.append(rec)
+            done += len(rec)
+            if progress:
+                progress(done, 0, 0.0)
     grid_path = out_dir / "grid.png"
     columns = (
         [np.concatenate(originals), np.concatenate(recons)]
@@ -110,4 +115,4 @@ def reconstruct_codes_file(
     )
     save_png(grid(columns, max_rows=max_grid), grid_path)
     psnr = float(np.concatenate(psnrs).mean()) if psnrs and len(originals) == len(recons) else None
-    return ReconstructResult(len(codes), grid_path, psnr, [])
+    return ReconstructResult(done, grid_path, psnr, [])

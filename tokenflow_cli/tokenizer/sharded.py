@@ -9,13 +9,15 @@ import numpy as np
 import torch.distributed as dist
 
 from tokenflow_cli.config import save_resolved
+from tokenflow_cli.data.sources import FileSource, ImageSource
 from tokenflow_cli.distributed import barrier, cleanup, init_distributed
 from tokenflow_cli.tokenizer.codes import merge_codes, shard_name
 from tokenflow_cli.tokenizer.pipeline import tokenize_paths
+from tokenflow_cli.tokenizer.shards import ShardRunError
 
 
 def tokenize_distributed(
-    resolved, paths: list[Path], output: Path, batch_size: int, workers: int, strict: bool, progress=None
+    resolved, source: ImageSource, output: Path, batch_size: int, workers: int, strict: bool, progress=None
 ):
     """One process: tokenize straight into `output`. Under torchrun: rank r takes paths[r::W],
     writes its shard, and rank 0 merges the shards into `output` (and removes them).
@@ -23,9 +25,13 @@ def tokenize_distributed(
     device_type = next(resolved.tokenizer.parameters()).device.type
     info = init_distributed(device_type)
     if not info.enabled:
-        result = tokenize_paths(resolved, paths, output, batch_size, workers, strict, progress)
+        result = tokenize_paths(resolved, source, output, batch_size, workers, strict, progress)
         _write_recipe_beside(resolved, output)
         return result
+    if not isinstance(source, FileSource):
+        cleanup()
+        raise ShardRunError(f"{source.kind} input under torchrun: pass --shard-size N with a folder as -o")
+    paths = source.paths
     shard = shard_name(output, info.rank, info.world_size)
     result = tokenize_paths(
         resolved,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from tokenflow_cli.config import ConfigError, EvalConfig, TrainConfig, register_recipe_kind
 
 FEATURE_CHOICES = ("tokenflow", "pixel", "semantic", "teacher")
+CHAT_TEMPLATES = ("auto", "plain", "qwen_2_5")  # see conversation.py
 
 
 @dataclass
@@ -42,7 +43,10 @@ class LlavaModelConfig:
     projector_hidden: int = 0  # hidden width of Linear-GELU-Linear; 0 = the LLM's hidden size
     image_token: str = "<image>"  # placeholder in the conversations, added as a special token
     chat_template: str = "auto"  # "auto": the LM tokenizer's template if it has one; "plain"
+    # (Vicuna v1); "qwen_2_5": the official TokenFlow-LLaVA ChatML template, `<image>` first
     system_prompt: str = ""  # prepended by the plain template (and as a system turn otherwise)
+    feature_grid: int = 0  # side of the visual token map: 0 = the tokenizer's final scale (27
+    # for SigLIP-384: 729 tokens); another side upsamples every scale's codes to it instead
     max_length: int = 2048  # tokens per sample, visual tokens included (longer ones are cut)
     init: str = ""  # a saved understanding model to start from (stage 2 <- stage 1 output)
     llm_dtype: str = "fp32"  # LLM weights: "fp32" | "bf16" | "fp16" (projector stays fp32)
@@ -106,5 +110,7 @@ def stage_train_config(recipe: LlavaRecipe, stage: int) -> TrainConfig:
 def validate(recipe: LlavaRecipe) -> None:
     if recipe.model.features not in FEATURE_CHOICES:
         raise ConfigError(f"model.features: {recipe.model.features!r} is not one of {FEATURE_CHOICES}")
-    if recipe.model.chat_template not in ("auto", "plain"):
-        raise ConfigError(f"model.chat_template: {recipe.model.chat_template!r}; use 'auto' or 'plain'")
+    if recipe.model.chat_template not in CHAT_TEMPLATES:
+        raise ConfigError(f"model.chat_template: {recipe.model.chat_template!r} is not one of {CHAT_TEMPLATES}")
+    if recipe.model.feature_grid < 0:
+        raise ConfigError(f"model.feature_grid: {recipe.model.feature_grid}; use 0 (the tokenizer's grid) or a side")

@@ -6,11 +6,17 @@ not, so the label mask is exact by construction (no offset mapping, no re-search
 in the tokenised prompt). Inference tokenises the prompt segments the same way, so the model is
 asked for exactly the continuation it was trained to produce.
 
-Two templates:
+Three templates:
 - the LM tokenizer's chat template (when it has one and `kind="auto"`): the prompt before
   each answer is rendered with `add_generation_prompt=True`, the answer segment is the rest of
   the rendering with that answer included (its end-of-turn marker is trained too);
-- "plain" (Vicuna v1 style): `<s>{system} USER: {q} ASSISTANT: {a}</s>USER: ...`.
+- "plain" (Vicuna v1 style): `<s>{system} USER: {q} ASSISTANT: {a}</s>USER: ...`;
+- "qwen_2_5", the official TokenFlow-LLaVA template (ChatML, whatever the tokenizer's own
+  template says, which would insert Qwen's default system prompt):
+  `<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<image>\n{q}<|im_end|>\n`
+  `<|im_start|>assistant\n{a}<|im_end|>\n`, with `<image>` moved to the front of its turn as
+  the official training and evaluation do. The answer and its `<|im_end|>\n` are trained (the
+  official trainer also trains the assistant header and every `\n`/`<|im_start|>`/`<|im_end|>`).
 
 `<image>` in a human turn becomes `num_image_tokens` copies of the image token id, later
 replaced by visual features in the model's input embeddings; they are never trained.
@@ -58,10 +64,11 @@ class ConversationFormatter:
     def __init__(
         self, tokenizer: Any, kind: str = "auto", system_prompt: str = "", image_token: str = "<image>"
     ) -> None:
-        if kind not in ("auto", "plain"):
-            raise ValueError(f"template kind {kind!r}; use 'auto' or 'plain'")
+        if kind not in ("auto", "plain", "qwen_2_5"):
+            raise ValueError(f"template kind {kind!r}; use 'auto', 'plain' or 'qwen_2_5'")
         self.tokenizer = tokenizer
         self.use_chat_template = kind == "auto" and bool(getattr(tokenizer, "chat_template", None))
+        self.template = "chat_template" if self.use_chat_template else ("plain" if kind == "auto" else kind)
         self.system_prompt = system_prompt
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
@@ -108,9 +115,33 @@ class ConversationFormatter:
     # -- segments ------------------------------------------------------------------------------
 
     def _segments(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str | int, bool]]:
-        if self.use_chat_template:
-            return self._chat_template_segments(messages, add_generation_prompt)
-        return self._plain_segments(messages, add_generation_prompt)
+        builders = {
+            "chat_template": self._chat_template_segments,
+            "plain": self._plain_segments,
+            "qwen_2_5": self._chatml_segments,
+        }
+        return builders[self.template](messages, add_generation_prompt)
+
+    def _chatml_segments(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str | int, bool]]:
+        """The official `qwen_2_5` template (conv_qwen, SeparatorStyle.CHATML)."""
+        system = " ".join(m["content"] for m in messages if m["role"] == "system") or self.system_prompt
+        segments: list[tuple[str | int, bool]] = []
+        if system:
+            segments.append((f"<|im_start|>system\n{system}<|im_end|>\n", False))
+        for m in messages:
+            content = m["content"]
+            if self.image_token in content:  # official: `<image>` moves to the front of its turn
+                content = f"{self.image_token}\n{content.replace(self.image_token, '').strip()}"
+            if m["role"] == "user":
+                segments.append((f"<|im_start|>user\n{content}<|im_end|>\n", False))
+            elif m["role"] == "assistant":
+                segments += [("<|im_start|>assistant\n", False), (f"{content}<|im_end|>\n", True)]
+        if add_generation_prompt:
+            segments.append(("<|im_start|>assistant\n", False))
+        else:
+            while segments and not segments[-1][1]:
+                segments.pop()  # a trailing unanswered question teaches nothing
+        return segments
 
     def _plain_segments(
         self, messages: list[dict], add_generation_prompt: bool

@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tokenflow_cli.checkpoint import load_state, save_weights
 from tokenflow_cli.config import from_dict, to_dict
+from tokenflow_cli.fileio import replace_folder
 from tokenflow_cli.understanding.config import LlavaModelConfig
 from tokenflow_cli.understanding.conversation import ConversationFormatter
 
@@ -83,7 +84,9 @@ class LlavaModel(nn.Module):
         `visual_BNC` holds one (N, C) map per image, in the order the images' placeholder runs
         appear in the batch (row-major), so samples without an image simply contribute none."""
         is_image_BT = input_ids_BT == self.image_token_id
-        emb_BTD = self.lm.get_input_embeddings()(input_ids_BT)
+        # placeholders are overwritten below; looking them up as 0 lets `<image>` lie past the
+        # embedding rows (a converted model keeps its LM's vocabulary untouched)
+        emb_BTD = self.lm.get_input_embeddings()(input_ids_BT.masked_fill(is_image_BT, 0))
         n_slots = int(is_image_BT.sum())
         if visual_BNC is None or visual_BNC.numel() == 0:
             if n_slots:
@@ -256,12 +259,7 @@ class LlavaModel(nn.Module):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         self._write(tmp, extra, state_dict)
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, out_dir)
         return out_dir
 
     def _info(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:

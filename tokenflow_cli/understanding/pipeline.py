@@ -2,22 +2,26 @@
 (what `ask` and `eval vqa` share).
 
 A saved model folder records the tokenizer it was trained on (`tokenizer_source`, and its
-sha256 when it was a file); `--tokenizer` replaces it, e.g. after moving the files.
+sha256 when it was a file); `--tokenizer` replaces it, e.g. after moving the files. The LM loads
+in the precision the model records (`llm_dtype`: bf16 for a converted release) unless `dtype`
+names another; the projector and the visual features stay fp32.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from tokenflow_cli.device import dtype_of
 from tokenflow_cli.fileio import file_sha256
 from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer
 from tokenflow_cli.understanding.build import locate_llava
 from tokenflow_cli.understanding.data import load_llava_image
 from tokenflow_cli.understanding.features import TokenizerFeatures, build_feature_source
-from tokenflow_cli.understanding.model import LlavaModel
+from tokenflow_cli.understanding.model import LLAVA_JSON, LlavaModel
 from tokenflow_cli.weights import DEFAULT_LLAVA
 
 
@@ -27,6 +31,7 @@ class Understanding:
     features: TokenizerFeatures
     model_dir: Path
     tokenizer_source: str
+    dtype: str  # the LM's precision: fp32 | bf16 | fp16
     warnings: list[str] = field(default_factory=list)  # to be shown: random init, hash mismatch
 
     @torch.no_grad()
@@ -38,7 +43,11 @@ class Understanding:
         return self.features(torch.stack(images).to(device))
 
 
-def load_understanding(model: str | Path | None, device: torch.device, tokenizer: str | None = None) -> Understanding:
+def load_understanding(
+    model: str | Path | None, device: torch.device, tokenizer: str | None = None, dtype: str = "auto"
+) -> Understanding:
+    """The model (`model`, else the default one) with its feature source, on `device`; `dtype`
+    "auto" keeps the model's recorded precision."""
     found = Path(model) if model else DEFAULT_LLAVA.find()
     if found is None:
         looked = ", ".join(str(p) for p in DEFAULT_LLAVA.candidates())
@@ -47,8 +56,12 @@ def load_understanding(model: str | Path | None, device: torch.device, tokenizer
             "or set TOKENFLOW_LLAVA; train one with `tokenflow finetune-llava`"
         )
     model_dir, weights = locate_llava(found)
-    llava = LlavaModel.from_pretrained(model_dir, weights=weights).to(device).eval()
+    info = json.loads((model_dir / LLAVA_JSON).read_text())
+    dtype = info.get("config", {}).get("llm_dtype", "fp32") if dtype == "auto" else dtype
+    llava = LlavaModel.from_pretrained(model_dir, dtype=dtype_of(dtype), weights=weights).to(device).eval()
     source = tokenizer or llava.extra.get("tokenizer_source", "")
+    if source and not tokenizer and (model_dir / source).is_file():  # a converted folder's own copy
+        source = str(model_dir / source)
     warnings = []
     if not source:
         warnings.append("the model names no tokenizer; using the default one")
@@ -58,7 +71,7 @@ def load_understanding(model: str | Path | None, device: torch.device, tokenizer
     expected = llava.extra.get("tokenizer_sha256")
     if expected and Path(resolved.source).is_file() and file_sha256(resolved.source) != expected:
         warnings.append(f"tokenizer {resolved.source} differs from the one the model was trained on")
-    features = build_feature_source(resolved.tokenizer, llava.config.features)
+    features = build_feature_source(resolved.tokenizer, llava.config.features, llava.config.feature_grid)
     if (features.num_tokens, features.feature_dim) != (llava.num_visual_tokens, llava.feature_dim):
         raise ValueError(
             f"tokenizer {resolved.source} gives {features.num_tokens} x {features.feature_dim} "
@@ -66,4 +79,4 @@ def load_understanding(model: str | Path | None, device: torch.device, tokenizer
         )
     if getattr(features.teacher, "random_init", False):
         warnings.append("teacher features come from a RANDOM INIT teacher")
-    return Understanding(llava, features, model_dir, resolved.source, warnings)
+    return Understanding(llava, features, model_dir, resolved.source, dtype, warnings)

@@ -53,7 +53,7 @@ class LlavaStage(Stage):
         self.val_records = read_records(d.val, d.image_root)[: d.val_limit] if d.val else []
         resolved = resolve_tokenizer(m.tokenizer or None, torch.device("cpu"))
         self.tokenizer_random_init = resolved.random_init
-        self.source = build_feature_source(resolved.tokenizer, m.features)
+        self.source = build_feature_source(resolved.tokenizer, m.features, m.feature_grid)
         self.extra = {**tokenizer_id(resolved), "stage": stage, "data": str(data_path)}
         run_dir = Path(run_dir)
         torch.manual_seed(recipe.train.seed)  # the same fresh LM on every rank
