@@ -12,13 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from tokenflow_cli.generation.config import GeneratorModelConfig
-from tokenflow_cli.generation.model import (
-    NextScaleGenerator,
-    RefineBlock,
-    TextBatch,
-    block_causal_allowed,
-    build_generator,
-)
+from tokenflow_cli.generation.context import block_causal_allowed
+from tokenflow_cli.generation.model import NextScaleGenerator, RefineBlock, TextBatch, build_generator
 from tokenflow_cli.generation.sampling import SamplingPass, get_schedule
 
 
@@ -149,8 +144,8 @@ def test_refine_block_cached_equals_full_pass() -> None:
             ctx = model._start(text, use_cache=True)
             for sj in range(si + 1):
                 embeds = model.embed_scale(sj, inputs[sj - 1] if sj else None, 2)
-                logits = model._step(ctx, embeds, sj, text.ids_BT.shape[1], refine=False)
-            cached = model._step(ctx, model.embed_refine(si, embeds, draft), si, text.ids_BT.shape[1], True)
+                logits = model._step(ctx, embeds, sj, text.ids_BT.shape[1])
+            cached = model._step(ctx, model.embed_refine(si, embeds, draft), si, text.ids_BT.shape[1], model.multi_step)
             ctx.rollback(embeds.shape[1])
             assert ctx.cache.get_seq_length() == text.ids_BT.shape[1] + model.offsets[si + 1]
         torch.testing.assert_close(cached, full.refine_logits_BlK, rtol=1e-5, atol=1e-5)

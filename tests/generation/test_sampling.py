@@ -132,3 +132,16 @@ def test_draws_follow_the_filtered_softmax() -> None:
     tied = torch.tensor([0.0, 3.0, 3.0, 3.0, 1.0])
     picks = sample_codes(tied.expand(2000, 5), SamplingPass(2, 0.0), generator=torch.Generator().manual_seed(1))
     assert set(picks.tolist()) == {1, 2}  # of the three tied codes, the two lowest indices
+
+
+def test_top_k_with_ties_kept_keeps_every_code_tied_with_the_kth() -> None:
+    logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    assert top_k_keep(logits, 2).tolist()[0] == [True, False, True, False, False]
+    assert top_k_keep(logits, 2, keep_ties=True).tolist() == [[True, False, True, True, False],
+                                                               [True, True, False, False, False]]
+    g = torch.Generator().manual_seed(0)
+    rows = logits.repeat(500, 1)
+    drawn = sample_codes(rows, SamplingPass(2, 0.0), generator=g, keep_ties=True).reshape(500, 2)
+    assert set(drawn[:, 0].tolist()) == {0, 2, 3} and set(drawn[:, 1].tolist()) == {0, 1}
+    kept = filter_logits(logits, 2, 0.0, keep_ties=True)
+    assert torch.isinf(kept[0]).tolist() == [False, True, False, False, True]

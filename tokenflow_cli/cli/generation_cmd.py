@@ -25,38 +25,44 @@ PresetOpt = Annotated[
 PassesOpt = Annotated[
     str | None, typer.Option("--passes", help='Passes as top_k:top_p, e.g. "1200:0.8,100:0.8,1:0".')
 ]
-CfgOpt = Annotated[float, typer.Option("--cfg", min=0.0, help="Guidance at the last scale (ramps linearly from 0).")]
+CfgOpt = Annotated[float | None, typer.Option("--cfg", min=0.0, help="Guidance at the last scale (ramps linearly "
+                   "from 0; default: the model's, 7.5 for a converted official model, else 3).")]
+GenDtypeOpt = Annotated[str | None, typer.Option("--dtype", help="fp32 | bf16 | fp16 (default: the weights' own).")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", callback=positive, help="Softmax temperature (> 0).")]
 GenBatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
 TopPOpt = {"min": 0.0, "max": 1.0}  # top-p is a probability (0 turns it off)
 CacheOpt = Annotated[bool, typer.Option("--cache/--no-cache", help="KV cache (--no-cache recomputes, as official).")]
 
 
-def _schedule(preset: str | None, passes: str | None, pairs: list[tuple[int | None, float | None]],
-              default: str = "two-pass"):
+def _schedule(preset: str | None, passes: str | None, pairs: list[tuple[int | None, float | None]]):
+    """The schedule the options name, or None for the model's default."""
     from tokenflow_cli.generation.sampling import get_schedule, schedule_from_pairs
 
     explicit = schedule_from_pairs(pairs)
     if sum(bool(x) for x in (preset, passes, explicit)) > 1:
         raise fail("give one of --preset, --passes or --k1/--p1/... ")
     try:
-        return explicit or get_schedule(preset or passes or default)
+        return explicit or (get_schedule(preset or passes) if preset or passes else None)
     except ValueError as err:
         raise fail(str(err)) from None
 
 
-def load_generator_for_cli(model: str | None, tokenizer: str | None, device: str):
+def load_generator_for_cli(model: str | None, tokenizer: str | None, device: str, dtype: str | None = None):
     from tokenflow_cli.cli.common import quiet_transformers
     from tokenflow_cli.device import resolve_device
     from tokenflow_cli.generation.pipeline import resolve_generator
 
     quiet_transformers()
     try:
-        loaded = resolve_generator(model, resolve_device(device), tokenizer)
+        loaded = resolve_generator(model, resolve_device(device), tokenizer, dtype)
     except (FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None
     note = " [bold yellow](random init: outputs are meaningless)[/]" if loaded.random_init else ""
-    console.print(f"generator: [cyan]{loaded.source}[/]{note}\nimage tokenizer: [cyan]{loaded.tokenizer_source}[/]")
+    cfg = loaded.model.config
+    console.print(f"generator: [cyan]{loaded.source}[/]{note}\n  {cfg.name}: {cfg.lm_arch}, "
+                  f"{str(loaded.dtype).removeprefix('torch.')}, next-scale inputs {cfg.next_scale_input}, "
+                  f"multi-step {cfg.multi_step}, text layout {cfg.text_layout}\n"
+                  f"image tokenizer: [cyan]{loaded.tokenizer_source}[/]", highlight=False)
     return loaded
 
 
@@ -72,8 +78,9 @@ def generate_cmd(
     prompt: Annotated[str | None, typer.Argument(help="Text prompt (or use --prompts FILE).")] = None,
     n: Annotated[int, typer.Option("-n", "--num-images", min=1, help="Images per prompt.")] = 4,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    cfg: CfgOpt = 3.0,
-    negative_prompt: Annotated[str, typer.Option("--negative-prompt", help="Unconditional prompt for CFG.")] = "",
+    cfg: CfgOpt = None,
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="Unconditional prompt for CFG "
+                               "(default: the model's; the official one for a converted official model).")] = None,
     k1: Annotated[int | None, typer.Option("--k1", help="Top-k of pass 1 (<= 0: off).")] = None,
     p1: Annotated[float | None, typer.Option("--p1", **TopPOpt, help="Top-p of pass 1 (0 or 1: off).")] = None,
     k2: Annotated[int | None, typer.Option("--k2", help="Top-k of pass 2 (re-predicts each scale).")] = None,
@@ -90,10 +97,12 @@ def generate_cmd(
     tokenizer: ImageTokenizerOpt = None,
     batch_size: GenBatchOpt = 16,
     cache: CacheOpt = True,
+    dtype: GenDtypeOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Text -> images: next-scale sampling with CFG, multi-pass re-prediction and a KV cache."""
-    from tokenflow_cli.generation.pipeline import GenerationSettings, generate_images, read_prompts_file, write_outputs
+    from tokenflow_cli.generation.pipeline import generate_images, read_prompts_file, write_outputs
+    from tokenflow_cli.generation.sampling import format_schedule
 
     if (prompt is None) == (prompts is None):
         raise fail("give a PROMPT or --prompts FILE (not both)")
@@ -104,18 +113,28 @@ def generate_cmd(
     if not texts:
         raise fail(f"{prompts}: no prompts")
     schedule = _schedule(preset, passes, [(k1, p1), (k2, p2), (k3, p3)])
-    settings = GenerationSettings(schedule, cfg, temperature, seed, n, negative_prompt, batch_size, cache)
-    loaded = load_generator_for_cli(model, tokenizer, device)
+    loaded = load_generator_for_cli(model, tokenizer, device, dtype)
+    try:
+        settings = loaded.default_settings(schedule=schedule, cfg=cfg, negative_prompt=negative_prompt,
+                                           temperature=temperature, seed=seed, samples_per_prompt=n,
+                                           batch_size=batch_size, use_cache=cache)
+    except ValueError as err:
+        raise fail(str(err)) from None
+    negative = repr(settings.negative_prompt[:40] + ("..." if len(settings.negative_prompt) > 40 else ""))
+    console.print(f"settings: schedule {format_schedule(settings.schedule)}, cfg {settings.cfg:g}, negative prompt "
+                  f"{negative}, top-k ties {'kept' if settings.keep_ties else 'broken by index'}, "
+                  f"KV cache {'on' if cache else 'off'}", highlight=False)
     with open_count_bar("generate") as bar:
         task = bar.add_task("generate", total=len(texts) * n)
         try:
             result = generate_images(loaded, texts, settings, lambda k: bar.advance(task, k))
         except ValueError as err:
             raise fail(str(err)) from None
-    extra = {"model": loaded.source, "tokenizer": loaded.tokenizer_source, "random_init": loaded.random_init}
+    extra = {"model": loaded.source, "tokenizer": loaded.tokenizer_source, "random_init": loaded.random_init,
+             "dtype": str(loaded.dtype).removeprefix("torch.")}
     write_outputs(output, result, settings, extra)
-    console.print(f"{len(result.images)} images ({result.images_per_s:.2f} img/s, schedule "
-                  f"{settings.to_json()['schedule']}, cfg {cfg}) -> [bold]{output}[/] (grid.png, settings.json)")
+    console.print(f"{len(result.images)} images ({result.images_per_s:.2f} img/s) -> [bold]{output}[/] "
+                  "(grid.png, settings.json)")
 
 
 @app.command("train-generator")

@@ -21,7 +21,10 @@ class GeneratorModelConfig:
     # The language model: a local Hugging Face folder (loaded with local_files_only=True, as the
     # official recipe initialises from Llama-2-7B), or "" to build `lm_arch` from the fields below.
     lm_path: str = ""
-    lm_arch: str = "llama"  # architecture built from scratch when lm_path is "" (see generator.LM_ARCHS)
+    # Block layout built from scratch when lm_path is "" (generation/lm.py LM_ARCHS): "llama"
+    # (pre-norm) or "llama-qknorm-postnorm" (the official t2i block: per-head QK RMSNorm, norm
+    # after each branch).
+    lm_arch: str = "llama"
     lm_dtype: str = "fp32"  # weights dtype of a pretrained LM: "fp32", "bf16" or "fp16"
     hidden_size: int = 4096
     num_layers: int = 32
@@ -29,11 +32,29 @@ class GeneratorModelConfig:
     num_kv_heads: int = 32  # < num_heads gives grouped-query attention
     intermediate_size: int = 11008  # SwiGLU width
     rms_norm_eps: float = 1e-5
+    qk_norm_eps: float = 1e-6  # epsilon of the per-head QK RMSNorm (lm_arch llama-qknorm-postnorm)
     rope_theta: float = 10000.0
     text_vocab_size: int = 32000  # set from the text tokenizer by train-generator
     attn_implementation: str = "sdpa"  # "sdpa" or "eager": both take our 4D block-causal mask
     gradient_checkpointing: bool = False  # trade compute for memory in the LM blocks (training)
     max_text_tokens: int = 64  # prompts are left-padded (or truncated) to this many tokens
+    # How prompts become the text block (generation/prompts.py TEXT_LAYOUTS): "padded" (BOS +
+    # prompt, left-padded to the batch's longest) or "official" (always max_text_tokens ids,
+    # then the `<img>` marker; text positions add the first scale embedding).
+    text_layout: str = "padded"
+    image_marker_ids: tuple[int, ...] = ()  # ids of the text `<img>` (text_layout official)
+    # Next-scale inputs (generation/next_scale.py NEXT_SCALE_INPUTS): "var" (sum at the final
+    # grid, area-downsampled) or "chained" (official: add at s_k, bicubic to s_{k+1}).
+    next_scale_input: str = "var"
+    # Multi-step sampling (generation/multistep.py MULTI_STEP): "refine" (our trained draft
+    # projector block) or "inplace" (official: scale k re-run with its draft in its input).
+    multi_step: str = "refine"
+    # The image head (generation/model.py IMAGE_HEADS): "separate" (Linear with bias over K) or
+    # "shared-vocabulary" (official: the image rows of one text+image LM head, no bias).
+    image_head: str = "separate"
+    # What `generate` uses when not told (generation/sampling.py SAMPLER_DEFAULTS): "ours" or
+    # "official" (one pass (600, 0.6), cfg 7.5 with the official negative prompt, top-k ties kept).
+    sampler_defaults: str = "ours"
     # The image tokenizer's code space. Recipes leave it empty: `attach_code_space` copies it from
     # the image tokenizer the generator is trained for (and saved checkpoints carry it). A value
     # set in a recipe pins it, and a tokenizer that disagrees is an error.
@@ -41,8 +62,8 @@ class GeneratorModelConfig:
     codebook_size: int = 0  # K: logits are over these image codes (a separate head); 0 = the tokenizer's
     code_dim: int = 0  # width of one code vector (semantic + pixel); 0 = the tokenizer's
     init_std: float = 0.02  # std of the new parts (projectors, embeddings, head)
-    # Multi-step sampling re-predicts a scale with its draft fed back (generation/model.py docstring).
-    # Training teaches that mode on a share of batches with corrupted ground-truth drafts.
+    # multi_step "refine" is trained on a share of batches with corrupted ground-truth drafts
+    # (generation/stage.py); "inplace" is untrained and ignores these.
     refine_prob: float = 0.5  # share of training batches that add one refine block
     refine_noise: float = 0.5  # a draft's codes are replaced at random with rate ~ U(0, this)
 

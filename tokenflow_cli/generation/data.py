@@ -23,7 +23,7 @@ from tokenflow_cli.data.captions import read_jsonl
 from tokenflow_cli.data.images import list_images, load_image, resize_center_crop, to_tensor_pm1
 from tokenflow_cli.generation.config import GeneratorDataConfig
 from tokenflow_cli.generation.model import TextBatch
-from tokenflow_cli.tokenizer.codes import find_shards, read_codes
+from tokenflow_cli.tokenizer.codes import list_codes_files, read_codes
 
 
 def read_caption_table(path: str | Path, fields: tuple[str, ...]) -> dict[Path, list[str]]:
@@ -123,12 +123,11 @@ def load_training_codes(data: GeneratorDataConfig, tokenizer=None, batch_size: i
 
 
 def codes_files(codes: str | Path) -> list[Path]:
-    """`data.codes`: one codes file, or the base name of its shards."""
-    path = Path(codes)
-    files = [path] if path.is_file() else find_shards(path)
-    if not files:
-        raise FileNotFoundError(f"data.codes: no codes file or shards at {path} (write one with `tokenflow tokenize`)")
-    return files
+    """`data.codes`: one codes file, a sharded codes folder, or the base name of torchrun shards."""
+    try:
+        return list_codes_files(codes)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"data.codes: {err}") from None
 
 
 @torch.no_grad()

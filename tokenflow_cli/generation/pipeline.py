@@ -30,11 +30,13 @@ from tokenflow_cli.checkpoint import WEIGHTS_NAME, load_state, resolve_weights_p
 from tokenflow_cli.config import from_dict, load_recipe, to_dict
 from tokenflow_cli.data.captions import read_jsonl
 from tokenflow_cli.data.text_tokenizer import train_bpe_tokenizer
+from tokenflow_cli.device import dtype_of
 from tokenflow_cli.eval.visual import save_png, tile, to_uint8
 from tokenflow_cli.fileio import atomic_write_text
 from tokenflow_cli.generation.config import GeneratorModelConfig, GeneratorRecipe, attach_code_space
 from tokenflow_cli.generation.model import NextScaleGenerator, TextBatch, build_generator
-from tokenflow_cli.generation.sampling import Schedule, format_schedule
+from tokenflow_cli.generation.sampling import Schedule, format_schedule, get_schedule, sampler_defaults
+from tokenflow_cli.generation.text_layout import text_layout
 from tokenflow_cli.tokenizer.model import TokenFlowTokenizer, load_tokenizer
 from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer
 from tokenflow_cli.weights import DEFAULT_GENERATOR
@@ -53,23 +55,33 @@ COPY_TOKENIZER_MAX_BYTES = 200 * 2**20  # copy the image tokenizer into the run 
 
 class PromptEncoder:
     """Prompts -> left-padded `TextBatch`: BOS (when the tokenizer has one) + the prompt's
-    tokens, truncated to `max_tokens` (the start of the prompt is kept)."""
+    tokens, truncated to `max_tokens` (the start of the prompt is kept), under a text layout
+    (generation/text_layout.py): padded to the batch's longest, or always to `max_tokens`
+    followed by the `<img>` marker ids but the last (official)."""
 
-    def __init__(self, tokenizer, max_tokens: int) -> None:
+    def __init__(self, tokenizer, max_tokens: int, layout: str = "padded", marker_ids: tuple[int, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
+        self.layout = text_layout(layout)
+        self.marker = list(marker_ids[:-1]) if self.layout.image_marker else []
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+    @classmethod
+    def for_model(cls, tokenizer, cfg: GeneratorModelConfig) -> PromptEncoder:
+        return cls(tokenizer, cfg.max_text_tokens, cfg.text_layout, tuple(cfg.image_marker_ids))
 
     def ids(self, prompt: str) -> list[int]:
         return (self.bos + self.tokenizer(prompt, add_special_tokens=False)["input_ids"])[: self.max_tokens]
 
     def __call__(self, prompts: list[str], device: torch.device | str = "cpu") -> TextBatch:
         rows = [self.ids(p) for p in prompts]
-        T = max(1, max(len(r) for r in rows))
+        width = self.max_tokens if self.layout.fixed_length else max(1, max(len(r) for r in rows))
+        T = width + len(self.marker)
         ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(rows), T, dtype=torch.long)
         for i, row in enumerate(rows):
+            row = row + self.marker
             if row:
                 ids[i, T - len(row) :] = torch.tensor(row)
                 mask[i, T - len(row) :] = 1
@@ -134,6 +146,18 @@ class LoadedGenerator:
     tokenizer_source: str
     random_init: bool = False
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def default_settings(self, **given) -> GenerationSettings:
+        """The model's sampler defaults (`model.sampler_defaults`) under the values given
+        (None = the default): schedule, cfg, negative_prompt, keep_ties, ..."""
+        defaults = sampler_defaults(self.model.config.sampler_defaults)
+        base = {"schedule": get_schedule(defaults.schedule), "cfg": defaults.cfg,
+                "negative_prompt": defaults.negative_prompt, "keep_ties": defaults.keep_ties}
+        return GenerationSettings(**(base | {k: v for k, v in given.items() if v is not None}))
+
 
 def _image_tokenizer_for(run_dir: Path, sidecar: dict, override: str | None, device: torch.device):
     candidates = [override] if override else [run_dir / IMAGE_TOKENIZER_NAME, sidecar.get("image_tokenizer") or None]
@@ -148,10 +172,12 @@ def _image_tokenizer_for(run_dir: Path, sidecar: dict, override: str | None, dev
 
 
 def load_generator(
-    path: str | Path, device: torch.device | str = "cpu", tokenizer: str | None = None
+    path: str | Path, device: torch.device | str = "cpu", tokenizer: str | None = None, dtype: str | None = None
 ) -> LoadedGenerator:
     """A generator run folder (or one of its checkpoints) -> model, prompt encoder, image
-    tokenizer (`tokenizer` overrides the one the run names)."""
+    tokenizer (`tokenizer` overrides the one the run names). The model runs in `dtype` (fp32,
+    bf16, fp16), by default in the dtype its weights are stored in (a converted bf16 release
+    stays bf16)."""
     device = torch.device(device)
     weights = resolve_weights_path(path)
     state, meta = load_state(weights)
@@ -160,23 +186,38 @@ def load_generator(
     cfg = from_dict(GeneratorModelConfig, meta["config"], str(weights))
     run_dir = _run_dir_of(weights)
     sidecar = json.loads((run_dir / SIDECAR_NAME).read_text())
-    model = build_generator(cfg, lm_config=sidecar["lm_config"])
-    model.load_state_dict(state, strict=True)
-    model = model.to(device).eval()
+    model = _from_state(cfg, sidecar["lm_config"], state)
+    model = model.to(device=device, dtype=dtype_of(dtype) if dtype else None).eval()
     text_tok = load_text_tokenizer(run_dir / sidecar.get("text_tokenizer", TEXT_TOKENIZER_DIR))
     image_tok, tok_source = _image_tokenizer_for(run_dir, sidecar, tokenizer, device)
     model.check_embedder(image_tok)
-    return LoadedGenerator(model, PromptEncoder(text_tok, cfg.max_text_tokens), image_tok, str(weights), tok_source)
+    return LoadedGenerator(model, PromptEncoder.for_model(text_tok, cfg), image_tok, str(weights), tok_source)
 
 
-def resolve_generator(model: str | None, device: torch.device, tokenizer: str | None = None) -> LoadedGenerator:
+def _from_state(cfg: GeneratorModelConfig, lm_config: dict, state: dict[str, torch.Tensor]) -> NextScaleGenerator:
+    """The model holding the checkpoint's own tensors (their dtype, no second copy: a 7B in bf16
+    needs its 13 GiB once): built on the meta device, the state assigned, the LM's rotary
+    embedding (its only non-persistent buffers) rebuilt on the CPU."""
+    with torch.device("meta"):
+        model = build_generator(cfg, lm_config=lm_config)
+    model.load_state_dict(state, strict=True, assign=True)
+    rotary = model.lm.rotary_emb
+    model.lm.rotary_emb = type(rotary)(config=model.lm.config)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"checkpoint leaves {left[0]!r} unset ({len(left)} tensors)")
+    return model
+
+
+def resolve_generator(model: str | None, device: torch.device, tokenizer: str | None = None,
+                      dtype: str | None = None) -> LoadedGenerator:
     """An explicit run folder/checkpoint, else the default generator, else a clearly labelled
     random-init tiny one (so `generate` always runs)."""
     if model:
-        return load_generator(model, device, tokenizer)
+        return load_generator(model, device, tokenizer, dtype)
     found = DEFAULT_GENERATOR.find()
     if found is not None:
-        return load_generator(found, device, tokenizer)
+        return load_generator(found, device, tokenizer, dtype)
     return random_tiny_generator(device, tokenizer)
 
 
@@ -191,7 +232,7 @@ def random_tiny_generator(device: torch.device, tokenizer: str | None = None) ->
     model = build_generator(cfg).to(device).eval()
     model.check_embedder(tok)
     source = "generator-tiny recipe, RANDOM INIT (no trained generator found: run `make demo`)"
-    return LoadedGenerator(model, PromptEncoder(text_tok, cfg.max_text_tokens), resolved.tokenizer, source,
+    return LoadedGenerator(model, PromptEncoder.for_model(text_tok, cfg), resolved.tokenizer, source,
                            resolved.source, random_init=True)
 
 
@@ -210,6 +251,7 @@ class GenerationSettings:
     negative_prompt: str = ""
     batch_size: int = 16  # images per forward (the CFG batch is twice this)
     use_cache: bool = True
+    keep_ties: bool = False  # top-k keeps every code tied with the k-th (official)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -252,7 +294,7 @@ def generate_images(
         text = loaded.prompts(batch, device)
         negative = loaded.prompts([settings.negative_prompt] * len(batch), device) if settings.cfg else None
         idx_BL = model.generate(tok, text, negative, settings.schedule, settings.cfg, settings.temperature,
-                                generator, use_cache=settings.use_cache)
+                                generator, use_cache=settings.use_cache, keep_ties=settings.keep_ties)
         images.append(to_uint8(tok.codes_to_img(idx_BL)))
         codes.append(idx_BL.cpu().numpy().astype(np.int32))
         if progress is not None:

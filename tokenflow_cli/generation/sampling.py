@@ -7,7 +7,8 @@ Conventions (the official sampler's, made explicit):
 - `top_k <= 0` or `top_k >= K` turns top-k off; `top_p <= 0` or `top_p >= 1` turns top-p off.
   So the official last pass `(1, 0)` is "keep the single most likely code" (greedy).
 - Top-k keeps exactly k codes. Ties at the boundary are broken by the lower code index (a
-  stable descending sort), so the kept set never depends on the hardware.
+  stable descending sort), so the kept set never depends on the hardware. With `keep_ties`
+  (the official rule) it keeps every code >= the k-th largest, so ties may keep more than k.
 - Top-p keeps the smallest prefix of the probabilities sorted in descending order (same stable
   order) whose mass is >= p; the most likely code is always kept.
 - When both are on, top-k is applied first and top-p then acts on the renormalised survivors.
@@ -32,8 +33,9 @@ def _descending_order(logits_NK: torch.Tensor) -> torch.Tensor:
     return torch.sort(logits_NK, dim=-1, descending=True, stable=True).indices
 
 
-def top_k_keep(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Bool mask of the codes top-k keeps (exactly k per row; all when off).
+def top_k_keep(logits: torch.Tensor, top_k: int, keep_ties: bool = False) -> torch.Tensor:
+    """Bool mask of the codes top-k keeps (exactly k per row, or with `keep_ties` every code
+    >= the k-th largest; all when off).
 
     O(K) beyond `torch.topk`: everything above the k-th largest value, then as many of the codes
     equal to it as there is room for, lowest index first (topk's own tie order is unspecified)."""
@@ -41,6 +43,8 @@ def top_k_keep(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     if top_k <= 0 or top_k >= vocab:
         return torch.ones_like(logits, dtype=torch.bool)
     kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    if keep_ties:
+        return logits >= kth
     above = logits > kth
     at = logits == kth
     room = top_k - above.sum(-1, keepdim=True)
@@ -61,9 +65,9 @@ def top_p_keep(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return keep.scatter_(-1, order, keep_sorted)
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, keep_ties: bool = False) -> torch.Tensor:
     """Logits with everything outside the top-k, then top-p, set to -inf."""
-    out = logits.masked_fill(~top_k_keep(logits, top_k), float("-inf"))
+    out = logits.masked_fill(~top_k_keep(logits, top_k, keep_ties), float("-inf"))
     return out.masked_fill(~top_p_keep(out, top_p), float("-inf"))
 
 
@@ -185,11 +189,14 @@ def sample_codes(
     sampling_pass: SamplingPass,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    keep_ties: bool = False,
 ) -> torch.Tensor:
     """Draw one code per row of `logits` (..., K) -> (...) int64 under one pass's filters.
 
     With top-k on, the draw runs over the k survivors only (in code-index order), so top-p
-    sorts k values instead of K: the kept set is exactly `filter_logits`'s."""
+    sorts k values instead of K: the kept set is exactly `filter_logits`'s. With `keep_ties`
+    the candidates are the m largest (m = the most any row keeps) and the ones below a row's
+    k-th largest are masked."""
     if sampling_pass.greedy:
         return logits.argmax(dim=-1)  # first index among ties, like top-k's tie rule
     if temperature <= 0:
@@ -198,11 +205,48 @@ def sample_codes(
     x_NK = logits.float().reshape(-1, vocab) / temperature
     candidates_Nk = None
     if 0 < sampling_pass.top_k < vocab:
-        keep_NK = top_k_keep(x_NK, sampling_pass.top_k)
-        candidates_Nk = keep_NK.nonzero()[:, 1].reshape(x_NK.shape[0], sampling_pass.top_k)
-        x_NK = x_NK.gather(-1, candidates_Nk)
+        keep_NK = top_k_keep(x_NK, sampling_pass.top_k, keep_ties)
+        width = int(keep_NK.sum(-1).max()) if keep_ties else sampling_pass.top_k
+        if keep_ties:
+            candidates_Nk = torch.topk(x_NK, width, dim=-1).indices.sort(dim=-1).values
+            x_NK = x_NK.gather(-1, candidates_Nk).masked_fill(~keep_NK.gather(-1, candidates_Nk), float("-inf"))
+        else:
+            candidates_Nk = keep_NK.nonzero()[:, 1].reshape(x_NK.shape[0], width)
+            x_NK = x_NK.gather(-1, candidates_Nk)
     x_NK = x_NK.masked_fill(~top_p_keep(x_NK, sampling_pass.top_p), float("-inf"))
     drawn_N1 = torch.multinomial(torch.softmax(x_NK, dim=-1), 1, generator=generator)
     if candidates_Nk is not None:
         drawn_N1 = candidates_Nk.gather(-1, drawn_N1)
     return drawn_N1.reshape(logits.shape[:-1])
+
+
+# --------------------------------------------------------------------------------------------
+# What `generate` uses when not told: a registry picked by `model.sampler_defaults`
+# --------------------------------------------------------------------------------------------
+
+# The official negative prompt (eval/run_llava_samples.py:45 of the official snapshot).
+OFFICIAL_NEGATIVE_PROMPT = (
+    "lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, "
+    "worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry."
+)
+
+
+@dataclass(frozen=True)
+class SamplerDefaults:
+    schedule: str  # preset name or "k:p,k:p"
+    cfg: float  # guidance at the last scale
+    negative_prompt: str  # the unconditional row of CFG
+    keep_ties: bool  # top-k keeps every code tied with the k-th
+
+
+SAMPLER_DEFAULTS: dict[str, SamplerDefaults] = {
+    "ours": SamplerDefaults("two-pass", 3.0, "", keep_ties=False),
+    # run_t2i.sh: --cfg 7.5 --loop 1 (one pass, (600, 0.6))
+    "official": SamplerDefaults("one-pass", 7.5, OFFICIAL_NEGATIVE_PROMPT, keep_ties=True),
+}
+
+
+def sampler_defaults(name: str) -> SamplerDefaults:
+    if name not in SAMPLER_DEFAULTS:
+        raise ValueError(f"unknown model.sampler_defaults {name!r}; choose one of {sorted(SAMPLER_DEFAULTS)}")
+    return SAMPLER_DEFAULTS[name]

@@ -1,11 +1,13 @@
 """Training stage of the text-to-image generator (`tokenflow train-generator`).
 
-Teacher forcing over all scales in one pass: the frozen image tokenizer turns each image's codes
-into next-scale inputs, the generator predicts every scale's codes, and the loss is the mean
-cross-entropy over all image tokens (VAR's uniform token weighting). On a share of steps
-(`model.refine_prob`, decided per step from (seed, step) so every rank agrees) one refine block
-is added for a random scale, its draft being the ground truth with codes replaced at random at
-a rate ~ U(0, `model.refine_noise`); its cross-entropy joins the loss. Caption dropout happens
+Teacher forcing over all scales in one pass: the frozen image tokenizer's codes become
+next-scale inputs (under `model.next_scale_input`), the generator predicts every scale's codes,
+and the loss is the mean cross-entropy over all image tokens (VAR's uniform token weighting).
+With `model.multi_step: refine`, on a share of steps (`model.refine_prob`, decided per step
+from (seed, step) so every rank agrees) one refine block is added for a random scale, its
+draft being the ground truth with codes replaced at random at a rate ~ U(0,
+`model.refine_noise`); its cross-entropy joins the loss (the official `inplace` mode is
+untrained). Caption dropout happens
 in the dataset (gen_data.CaptionedCodes).
 
 The progress shows the codebook accuracy per scale (`acc@S`, S the scale's side) and the refine
@@ -59,7 +61,7 @@ def _text_tokenizer(recipe: GeneratorRecipe, run_dir: Path):
 
 class GeneratorStage(Stage):
     kind = "generator"
-    find_unused_parameters = True  # the draft projector only works on refine steps
+    find_unused_parameters = True  # the draft projector (multi_step refine) only works on refine steps
 
     def __init__(self, recipe: GeneratorRecipe, run_dir: str | Path) -> None:
         self.recipe = recipe
@@ -85,7 +87,7 @@ class GeneratorStage(Stage):
             torch.manual_seed(recipe.train.seed)
             self.model = build_generator(cfg)
         self.model_config = cfg
-        self.prompts = PromptEncoder(self.text_tokenizer, cfg.max_text_tokens)
+        self.prompts = PromptEncoder.for_model(self.text_tokenizer, cfg)
         self._window = self._empty_window()
 
     def setup(self) -> None:
@@ -120,7 +122,9 @@ class GeneratorStage(Stage):
     def _refine_block(self, idx_BL: torch.Tensor, step: int) -> tuple[RefineBlock, torch.Tensor] | None:
         cfg = self.model_config
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        if cfg.refine_prob <= 0 or float(torch.rand((), generator=g)) >= cfg.refine_prob:
+        if not self.model.multi_step.trained or cfg.refine_prob <= 0:
+            return None
+        if float(torch.rand((), generator=g)) >= cfg.refine_prob:
             return None
         si = int(torch.randint(len(cfg.scales), (), generator=g))
         target = idx_BL[:, self.model.scale_slice(si)]
@@ -136,7 +140,7 @@ class GeneratorStage(Stage):
         text = batch["text"]
         text = TextBatch(text.ids_BT.to(self.device), text.mask_BT.to(self.device))
         with torch.no_grad():
-            scale_inputs = self.image_tokenizer.next_scale_inputs(idx_BL)
+            scale_inputs = self.model.scale_inputs(self.image_tokenizer, idx_BL)
             refine = self._refine_block(idx_BL, step)
         out = self.wrapped["model"](text, scale_inputs, refine[0] if refine else None)
         nll = F.cross_entropy(out.logits_BLK.flatten(0, 1).float(), idx_BL.flatten())
