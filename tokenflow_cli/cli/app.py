@@ -10,6 +10,7 @@ import typer
 from tokenflow_cli.cli import (
     convert_cmd,  # noqa: F401  (convert)
     doctor,  # noqa: F401  (doctor)
+    eval_tokenizer_cmd,  # noqa: F401  (eval rfid, eval usage, prepare-fid)
     generation_cmd,  # noqa: F401  (generate, train-generator)
     teacher_cmd,  # noqa: F401  (train-teacher)
     tokenizer_cmd,  # noqa: F401  (tokenize, reconstruct, train-tokenizer, codes)
@@ -18,7 +19,7 @@ from tokenflow_cli.cli import (
 from tokenflow_cli.cli.codes_cmd import codes_app
 from tokenflow_cli.cli.common import CliState, app, debug_from_env, err_console
 from tokenflow_cli.cli.data_cmd import data_app
-from tokenflow_cli.cli.eval_cmd import eval_app  # eval rfid|usage|teacher|vqa|geneval, prepare-fid
+from tokenflow_cli.cli.eval_cmd import eval_app  # eval vqa|teacher|geneval (+ rfid|usage)
 from tokenflow_cli.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 # click's exception classes as this Typer raises them (recent Typer vendors its own click)

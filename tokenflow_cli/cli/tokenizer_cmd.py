@@ -10,7 +10,9 @@ import typer
 
 from tokenflow_cli.cli.common import (
     BatchOpt,
+    CompileOpt,
     DeviceOpt,
+    InferDtypeOpt,
     ModelOpt,
     RecipeArg,
     ResumeOpt,
@@ -24,11 +26,14 @@ from tokenflow_cli.cli.common import (
 from tokenflow_cli.cli.training import run_training
 
 
-def _load_model(model: str | None, device: str, codes: Path | None = None):
+def _load_model(model: str | None, device: str, codes: Path | None = None, dtype: str = "fp32",
+                compile_model: bool = False, scope: str = "all"):
     """The tokenizer to use; for a codes file, the one that made it (from its metadata, or
-    --model checked against it)."""
+    --model checked against it). With --dtype/--compile it is prepared for fast inference
+    (tokenizer/inference.py; the default fp32 path is left exactly as it was)."""
     from tokenflow_cli.device import resolve_device
     from tokenflow_cli.tokenizer.codes import list_codes_files, read_codes_meta
+    from tokenflow_cli.tokenizer.inference import InferenceOptions, prepare_for_inference
     from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, resolve_tokenizer_for_codes
 
     try:
@@ -41,6 +46,14 @@ def _load_model(model: str | None, device: str, codes: Path | None = None):
         raise fail(str(err)) from None
     note = " [bold yellow](random init: outputs are meaningless)[/]" if resolved.random_init else ""
     console.print(f"model: [cyan]{resolved.source}[/]{note}")
+    if dtype != "fp32" or compile_model:
+        try:
+            options = InferenceOptions(dtype=dtype, compile=compile_model, scope=scope)
+        except ValueError as err:
+            raise fail(str(err)) from None
+        prepare_for_inference(resolved.tokenizer, options)
+        parts = "encoders and decoders" if scope == "all" else "decoders (encoders fp32: the same codes)"
+        console.print(f"inference: {parts} in {dtype}{', compiled' if compile_model else ''}; code search in fp32")
     return resolved
 
 
@@ -94,6 +107,8 @@ def tokenize_cmd(
     image_column: ImageColumnOpt = None,
     strict: StrictOpt = False,
     device: DeviceOpt = "auto",
+    dtype: InferDtypeOpt = "fp32",
+    compile_model: CompileOpt = False,
 ) -> None:
     """Images -> multi-scale shared indices in one .npz (per-scale views in the reader), or a
     resumable folder of shards (--shard-size). Runs under torchrun across processes and nodes."""
@@ -111,7 +126,10 @@ def tokenize_cmd(
     except UnwritableOutputError as err:
         raise fail(str(err)) from None
     source = _open_inputs(inputs, image_column)
-    resolved = _load_model(model, device)
+    resolved = _load_model(model, device, dtype=dtype, compile_model=compile_model)
+    if dtype != "fp32":
+        err_console.print(f"[yellow]warning:[/] encoding in {dtype} changes many indices against fp32 "
+                          "(docs/RESULTS.md: 7-29% agree on the released layouts); keep fp32 when codes matter")
     with image_progress(source.count or 0, "tokenize") as update:
         try:
             if shard_size:
@@ -145,6 +163,8 @@ def reconstruct_cmd(
     strict: StrictOpt = False,
     max_grid: Annotated[int, typer.Option("--max-grid", min=1, help="Rows in grid.png.")] = 16,
     device: DeviceOpt = "auto",
+    dtype: InferDtypeOpt = "fp32",
+    compile_model: CompileOpt = False,
 ) -> None:
     """Images or a codes file -> reconstructed PNGs, plus an original | reconstruction grid."""
     from tokenflow_cli.cli.progress import image_progress
@@ -153,7 +173,7 @@ def reconstruct_cmd(
     from tokenflow_cli.tokenizer.reconstruct import reconstruct_codes_file, reconstruct_images
 
     is_codes = (inputs.endswith(".npz") and Path(inputs).is_file()) or (Path(inputs) / MANIFEST_NAME).is_file()
-    resolved = _load_model(model, device, Path(inputs) if is_codes else None)
+    resolved = _load_model(model, device, Path(inputs) if is_codes else None, dtype, compile_model, "decoders")
     paths = [] if is_codes else _list_inputs(inputs)
     total = 0 if is_codes else len(paths)
     with image_progress(total, "reconstruct") as update:

@@ -28,6 +28,11 @@ from tokenflow_cli.tokenizer.semantic import SemanticEncoder
 from tokenflow_cli.tokenizer.semantic_decoder import SemanticDecoder, task_layer
 
 
+def _weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a part runs in (parts may be cast for inference; the quantizer stays fp32)."""
+    return next(module.parameters()).dtype
+
+
 @dataclass
 class MultiScaleCodes:
     """Shared indices of one batch, scales concatenated coarse to fine (row-major per scale)."""
@@ -117,7 +122,7 @@ class TokenFlowTokenizer(nn.Module):
         pix_in = img_B3HW
         if self.pixel_size != img_B3HW.shape[-1]:
             pix_in = F.interpolate(img_B3HW, size=(self.pixel_size, self.pixel_size), mode="bicubic")
-        f_pix = self.quant_conv(self.pixel_encoder(pix_in))
+        f_pix = self.quant_conv(self.pixel_encoder(pix_in.to(_weight_dtype(self.quant_conv))))
         if self.config.quantizer.use_semantic:
             f_tok = self.semantic_encoder(img_B3HW).permute(0, 2, 3, 1)  # (B, h, w, D)
             f_sem = self.semantic_proj(f_tok).permute(0, 3, 1, 2)
@@ -154,15 +159,16 @@ class TokenFlowTokenizer(nn.Module):
     def features_to_img(self, f_BChw: torch.Tensor) -> torch.Tensor:
         """Quantized map -> image via the pixel half (resized back for siglip's 432 branch)."""
         f_pix = f_BChw[:, self.config.quantizer.semantic_dim :]
-        img = self.pixel_decoder(self.post_quant_conv(f_pix))
+        img = self.pixel_decoder(self.post_quant_conv(f_pix.to(_weight_dtype(self.post_quant_conv))))
         if img.shape[-1] != self.image_size:
             img = F.interpolate(img, size=(self.image_size, self.image_size), mode="bicubic")
-        return img
+        return img.to(f_BChw.dtype)  # the features' dtype, whatever the decoder runs in
 
     def features_to_semantic(self, f_BChw: torch.Tensor) -> torch.Tensor:
         """Quantized map -> predicted teacher tokens (B, h*w, T)."""
         f_sem = f_BChw[:, : self.config.quantizer.semantic_dim]
-        return self.semantic_head(self.semantic_decoder(f_sem))
+        tokens = self.semantic_head(self.semantic_decoder(f_sem.to(_weight_dtype(self.semantic_head))))
+        return tokens.to(f_BChw.dtype)
 
     def codes_to_img(self, codes: MultiScaleCodes | torch.Tensor) -> torch.Tensor:
         return self.features_to_img(self.codes_to_features(codes))

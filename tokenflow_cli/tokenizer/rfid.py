@@ -33,6 +33,7 @@ from tokenflow_cli.eval.fid import KID_SUBSETS, FeatureCache, FeatureSpec, fid_k
 from tokenflow_cli.eval.image_metrics import PSNR_PROTOCOL, SSIM_PROTOCOL, LpipsMetric, psnr, ssim
 from tokenflow_cli.eval.visual import grid, save_png, to_uint8
 from tokenflow_cli.fileio import file_sha256
+from tokenflow_cli.tokenizer.inference import InferenceOptions, inference_context, prepare_for_inference
 from tokenflow_cli.tokenizer.pipeline import ResolvedModel, tokenizer_id
 from tokenflow_cli.tokenizer.usage_report import UsageCounts, quantize_views
 
@@ -50,6 +51,7 @@ class RfidOptions:
     kid: bool = True  # KID next to FID (subset size min(1000, n))
     grid_rows: int = 6  # rows per subset in grid.png
     fid_batch_size: int = 32
+    inference: InferenceOptions = field(default_factory=InferenceOptions)  # encode/decode dtype, compile
 
 
 @dataclass
@@ -88,7 +90,7 @@ def from_model_output(decoded_BHW3: np.ndarray, res: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(a).resize((res, res), Image.BICUBIC)) for a in decoded_BHW3])
 
 
-@torch.no_grad()
+@inference_context()
 def _reconstruct_subset(resolved: ResolvedModel, subset: EvalSubset, out_dir: Path, opts: RfidOptions,
                         lpips: LpipsMetric, usage: UsageCounts, progress: Callable[[int, int], None]) -> _Pairs:
 
@@ -181,15 +183,18 @@ def protocol(resolved: ResolvedModel, opts: RfidOptions, spec: FeatureSpec, lpip
                 "kid": opts.kid, "kid_subsets": KID_SUBSETS},
         "codebook_usage": "share of the K codes hit by the shared index over all scales; perplexity = exp(entropy)",
         "device": str(device),
-        "precision": "fp32",
+        "precision": opts.inference.dtype,
+        "inference": opts.inference.describe(),
     }
 
 
 def run_rfid(resolved: ResolvedModel, subsets: list[EvalSubset], out_dir: Path, spec: FeatureSpec,
              lpips: LpipsMetric, opts: RfidOptions, progress: ProgressFn | None = None) -> dict:
-    """Reconstruct every subset, measure, and return the report (the caller writes it)."""
+    """Reconstruct every subset, measure, and return the report (the caller writes it).
 
-    tok = resolved.tokenizer
+    The tokenizer is prepared in place for `opts.inference` (eval mode, its dtype, channels-last)."""
+
+    tok = prepare_for_inference(resolved.tokenizer, opts.inference)
     device = next(tok.parameters()).device
     out_dir = Path(out_dir)
     started = time.perf_counter()
