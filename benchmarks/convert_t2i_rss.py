@@ -1,5 +1,5 @@
 """Peak memory of `tokenflow convert` on a full-size TokenFlow-t2i folder (7.03B parameters,
-the 361 keys and shapes of ../shared/official/tokenflow_t2i_llama2_7b_keys.tsv, bf16).
+the 361 keys and shapes of tests/data/tokenflow_t2i_llama2_7b_keys.tsv, bf16).
 
 The folder is fabricated without holding the model anywhere: each safetensors shard is a header
 plus a sparse file of zeros (`truncate`), so fabricating costs neither RAM nor disk; reading it

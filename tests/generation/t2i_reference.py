@@ -1,5 +1,5 @@
 """Our own reference of the official TokenFlow-t2i computation, written from the measured facts
-(../shared/official/T2I.md), for tests only: it works on the official state-dict names and
+(tests/data/T2I.md), for tests only: it works on the official state-dict names and
 the official sequence (text + image ids, the image features in place of the image ids, the
 zero placeholder, level and absolute position embeddings added by sequence index, one causal
 mask with pad keys hidden and the block-causal image block written over it), recomputes

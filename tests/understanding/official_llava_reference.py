@@ -1,5 +1,5 @@
 """A reference implementation of the official TokenFlow-LLaVA computation, written from the facts
-in `../shared/official/I2T.md` (no official code), and tiny hub folders in the official layout.
+in `tests/data/I2T.md` (no official code), and tiny hub folders in the official layout.
 
 The reference does everything the official way and shares nothing with our understanding
 package: the prompt is built as `conv_qwen.get_prompt()` builds it and tokenised as

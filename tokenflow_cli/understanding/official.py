@@ -2,7 +2,7 @@
 ours, which are not carried and why, how its config.json becomes a plain LM config, and the
 conversion plan that checks every key and shape from the shard headers before anything is read.
 
-Facts from `../shared/official/I2T.md` (the official `i2t/llava` fork, LLaVA-1.5 style):
+Facts from `tests/data/I2T.md` (the official `i2t/llava` fork, LLaVA-1.5 style):
 the folder is a `Qwen2ForCausalLM` state dict (`model.embed_tokens`, `model.layers.N.*` with
 q/k/v biases, `model.norm`, `lm_head`) plus the projector `model.mm_projector.{0,2}.*`
 (mlp2x_gelu: Linear(40, D), GELU, Linear(D, D)) plus a frozen copy of the image tokenizer under
