@@ -40,6 +40,7 @@ class DemoContext:
     run_dir: Path | None = None
     tokenizer_path: Path | None = None  # the trained model.safetensors
     summary: list[str] = field(default_factory=list)
+    held_out_psnr: float | None = None  # the trained tokenizer's mean PSNR over the held-out parts
 
     def say(self, text: str) -> None:
         print(text, flush=True)
@@ -113,7 +114,8 @@ def train_tokenizer_step(ctx: DemoContext) -> None:
 
 
 def evaluate_step(ctx: DemoContext) -> None:
-    """Tokenize and reconstruct the held-out shapes and natural crops with the trained model."""
+    """Tokenize and reconstruct the held-out shapes and natural crops with the trained model;
+    keeps the mean PSNR to compare with the default it would replace."""
     import numpy as np
     import torch
 
@@ -124,34 +126,64 @@ def evaluate_step(ctx: DemoContext) -> None:
 
     resolved = resolve_tokenizer(str(ctx.tokenizer_path), torch.device(ctx.device))
     tok = resolved.tokenizer
-    for part in ("shapes_val", "natural_val"):
+    psnrs = []
+    for part in HELD_OUT_PARTS:
         paths = list_images(ctx.data[part])
         codes_path = ctx.out_dir / f"codes_{part}.npz"
         tokenized = tokenize_paths(resolved, paths, codes_path, batch_size=16)
         codes = read_codes(codes_path)
         per_scale = [len(np.unique(codes.per_scale(k))) / tok.codebook_size for k in range(len(codes.scales))]
         recon = reconstruct_images(resolved, paths, ctx.out_dir / f"recon_{part}", batch_size=16)
+        psnrs.append(recon.psnr)
         ctx.summary.append(
             f"{part}: PSNR {recon.psnr:.2f} dB, codebook usage {tokenized.usage_share:.1%} of "
             f"{tok.codebook_size} (per scale {' '.join(f'{u:.0%}' for u in per_scale)}), "
             f"tokenize {tokenized.images_per_s:.0f} images/s; grid {recon.grid_path}"
         )
+    ctx.held_out_psnr = float(np.mean(psnrs))
+
+
+HELD_OUT_PARTS = ("shapes_val", "natural_val")
+
+
+def _held_out_psnr(ctx: DemoContext, model: Path, tag: str) -> float:
+    """Mean reconstruction PSNR of `model` over the demo's held-out parts (grids under OUT/<tag>_*)."""
+    import numpy as np
+    import torch
+
+    from tokenflow_cli.data.images import list_images
+    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer
+    from tokenflow_cli.tokenizer.reconstruct import reconstruct_images
+
+    resolved = resolve_tokenizer(str(model), torch.device(ctx.device))
+    return float(np.mean([reconstruct_images(resolved, list_images(ctx.data[part]), ctx.out_dir / f"{tag}_{part}",
+                                             batch_size=16).psnr for part in HELD_OUT_PARTS]))
 
 
 def install_step(ctx: DemoContext) -> None:
-    """Copy the trained tokenizer to the default location `tokenize` looks in first."""
+    """Make the trained tokenizer the default `tokenize` uses, but only when it reconstructs the
+    held-out images better than the default it would replace (the shipped one, or an earlier
+    demo's); either way the summary says which was kept and both figures."""
     from tokenflow_cli.checkpoint import WEIGHTS_NAME
     from tokenflow_cli.fileio import atomic_path
     from tokenflow_cli.weights import DEFAULT_TOKENIZER, tokenflow_home
 
     if not ctx.install:
         return
+    current = DEFAULT_TOKENIZER.find()
+    if current is not None:
+        theirs = _held_out_psnr(ctx, current, "recon_default")
+        if theirs >= ctx.held_out_psnr:
+            ctx.summary.append(f"kept the default tokenizer {current}: held-out PSNR {theirs:.2f} dB >= "
+                               f"{ctx.held_out_psnr:.2f} dB for the one trained here (not installed)")
+            return
     target = tokenflow_home() / DEFAULT_TOKENIZER.home_name / WEIGHTS_NAME
     with atomic_path(target) as tmp:
         shutil.copyfile(ctx.tokenizer_path, tmp)
     first = DEFAULT_TOKENIZER.find()
     note = "" if first == target.parent else f" (note: {first} takes precedence)"
-    ctx.summary.append(f"default tokenizer installed: {target}{note}")
+    was = f", replacing {current} ({theirs:.2f} dB)" if current is not None else ""
+    ctx.summary.append(f"default tokenizer installed: {target} (held-out PSNR {ctx.held_out_psnr:.2f} dB{was}){note}")
 
 
 DEMO_PROMPTS = ("a red circle", "two blue squares", "a yellow triangle left of a green star")
@@ -175,7 +207,6 @@ def generator_step(ctx: DemoContext) -> None:
     from tokenflow_cli.generation.stage import GeneratorStage
     from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, tokenize_paths
     from tokenflow_cli.train.loop import train
-    from tokenflow_cli.weights import DEFAULT_GENERATOR, tokenflow_home
 
     if ctx.gen_minutes <= 0:
         return
@@ -198,11 +229,39 @@ def generator_step(ctx: DemoContext) -> None:
     ctx.summary.append(f"generator training: {result.step} steps, {result.seconds / 60:.1f} min; "
                        f"samples for {len(DEMO_PROMPTS)} prompts: {samples / 'grid.png'}")
     if ctx.install:
-        target = tokenflow_home() / DEFAULT_GENERATOR.home_name
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns("checkpoints"))
-        ctx.summary.append(f"default generator installed: {target}")
+        _install_generator_if_better(ctx, loaded, run_dir, settings)
+
+
+SELECTION_PROMPT_SEED = 1000  # GenEval-style prompts for choosing the default; `eval geneval` uses seed 0
+
+
+def _install_generator_if_better(ctx: DemoContext, trained, run_dir: Path, settings) -> None:
+    """Install the trained generator only when it scores higher than the current default on a
+    small shapes-world GenEval over selection prompts (not the ones `eval geneval` reports)."""
+    import torch
+
+    from tokenflow_cli.generation.geneval import run_geneval
+    from tokenflow_cli.generation.pipeline import resolve_generator
+    from tokenflow_cli.weights import DEFAULT_GENERATOR, tokenflow_home
+
+    def score(loaded, tag: str) -> float:
+        report = run_geneval(loaded, settings, ctx.out_dir / "selection" / tag, n_per_tag=2,
+                             prompt_seed=SELECTION_PROMPT_SEED)
+        return float(report["overall"])
+
+    ours = score(trained, "trained")
+    current = DEFAULT_GENERATOR.find()
+    if current is not None:
+        theirs = score(resolve_generator(str(current), torch.device(ctx.device)), "default")
+        if theirs >= ours:
+            ctx.summary.append(f"kept the default generator {current}: selection GenEval {theirs:.2f} >= "
+                               f"{ours:.2f} for the one trained here (not installed)")
+            return
+    target = tokenflow_home() / DEFAULT_GENERATOR.home_name
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns("checkpoints"))
+    ctx.summary.append(f"default generator installed: {target} (selection GenEval {ours:.2f})")
 
 
 DEMO_STEPS: list[Callable[[DemoContext], None]] = [
