@@ -30,9 +30,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed-precision context; a no-op for fp32 and for half precision on CPU."""
+    """Mixed-precision context: CUDA autocast for bf16/fp16; on CPU, bf16 autocast (matmuls and
+    convolutions in bf16, about twice the fp32 rate on CPUs with AVX512-BF16 or AMX) and a no-op
+    for fp16 (slow on CPUs, and it would need a gradient scaler); a no-op for fp32."""
     dtype = dtype_of(precision)
-    if precision == "fp32" or device.type != "cuda":
+    if precision == "fp32" or (device.type != "cuda" and dtype != torch.bfloat16):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
