@@ -28,6 +28,7 @@ def test_demo_installs_its_tokenizer_only_when_it_beats_the_default(tmp_path, mo
     from tokenflow_cli.cli import demo
     from tokenflow_cli.weights import DEFAULT_TOKENIZER, tokenflow_home
 
+    monkeypatch.setenv("TOKENFLOW_HOME", str(tmp_path / "home"))  # the fake weights stay in this test
     trained = tmp_path / "trained.safetensors"
     trained.write_bytes(b"the demo's weights")
     shipped = tmp_path / "shipped.safetensors"
@@ -46,6 +47,7 @@ def test_demo_keeps_the_default_generator_when_it_scores_as_well(tmp_path, monke
     from tokenflow_cli.generation import geneval, pipeline
     from tokenflow_cli.weights import DEFAULT_GENERATOR, tokenflow_home
 
+    monkeypatch.setenv("TOKENFLOW_HOME", str(tmp_path / "home"))
     scores = iter([0.25, 0.25])  # the trained one, then the default: a tie keeps the default
     seeds = []
 
