@@ -11,7 +11,7 @@ files and error lines: the path, `shard.tar#<__key__>`, or `<dataset>#<row>`.
 from __future__ import annotations
 
 import glob
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -232,6 +232,18 @@ def _parquet_files(text: str, path: Path) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # Decoding
+
+
+def chunked(items: Iterable[SourceItem], size: int) -> Iterator[list[SourceItem]]:
+    """Consecutive lists of `size` items (the last may be shorter): batches, or shards."""
+    block: list[SourceItem] = []
+    for item in items:
+        block.append(item)
+        if len(block) == size:
+            yield block
+            block = []
+    if block:
+        yield block
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +15,7 @@ import torch
 
 from tokenflow_cli.config import load_recipe
 from tokenflow_cli.data.images import ImageDataset, ImageSourceError, collate_skip_bad
-from tokenflow_cli.data.sources import FileSource, ImageSource, SourceItem, decode_batch
+from tokenflow_cli.data.sources import FileSource, ImageSource, SourceItem, chunked, decode_batch
 from tokenflow_cli.errors import UserError
 from tokenflow_cli.fileio import WRITE_FAULTS, file_sha256, write_failed
 from tokenflow_cli.tokenizer.codes import write_codes
@@ -133,15 +133,33 @@ def iterate_batches(paths: list[Path], size: int, batch_size: int, workers: int,
         yield batch["image"], batch["path"], list(zip(batch["skipped"], batch["errors"]))
 
 
-def _item_batches(source: ImageSource, batch_size: int) -> Iterator[list[SourceItem]]:
-    batch: list[SourceItem] = []
-    for item in source.items():
-        batch.append(item)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+@dataclass
+class EncodedBatch:
+    indices: np.ndarray  # (B, L) int32 of the decodable items (B may be 0)
+    keys: list[str]  # their keys, in order
+    failures: list[tuple[str, str]]  # (key, reason) of the items skipped
+
+
+def encode_batches(tok: TokenFlowTokenizer, batches: Iterable[list[SourceItem]], strict: bool,
+                   pool: ThreadPoolExecutor | None, hit: torch.Tensor) -> Iterator[EncodedBatch]:
+    """Decode and encode each batch of items; marks the codes used in `hit` (K,) bool. The one
+    encode loop of `tokenize_paths` and the sharded tokenize."""
+    device = next(tok.parameters()).device
+    for items in batches:
+        batch = decode_batch(items, tok.image_size, strict, pool)
+        indices = np.zeros((0, tok.num_tokens), np.int32)
+        if batch.images is not None:
+            idx = tok.img_to_codes(batch.images.to(device)).indices
+            hit[idx.reshape(-1)] = True
+            indices = idx.cpu().numpy().astype(np.int32)
+        yield EncodedBatch(indices, batch.keys, batch.failures)
+
+
+def codes_meta(resolved: ResolvedModel, failures: list[tuple[str, str]]) -> dict:
+    """The metadata every codes file written by tokenize carries (docs/CODES.md)."""
+    tok = resolved.tokenizer
+    return {"codebook_size": tok.codebook_size, "resolution": tok.image_size, "code_dim": tok.code_dim,
+            "failed": len(failures), **tokenizer_id(resolved)}
 
 
 @torch.no_grad()
@@ -161,9 +179,7 @@ def tokenize_paths(
     stays flat however many images there are; the .npz is streamed from it and renamed into place."""
     source = paths if isinstance(paths, ImageSource) else FileSource("paths", list(paths))
     tok = resolved.tokenizer
-    device = next(tok.parameters()).device
-    L, K = tok.num_tokens, tok.codebook_size
-    hit = torch.zeros(K, dtype=torch.bool, device=device)
+    hit = torch.zeros(tok.codebook_size, dtype=torch.bool, device=next(tok.parameters()).device)
     kept_paths: list[str] = []
     failures: list[tuple[str, str]] = []
     start = time.perf_counter()
@@ -173,15 +189,11 @@ def tokenize_paths(
         with tempfile.TemporaryDirectory(dir=folder) as tmp, open(Path(tmp) / "indices.bin", "wb") as buffer:
             n = 0
             try:
-                for items in _item_batches(source, batch_size):
-                    batch = decode_batch(items, tok.image_size, strict, pool)
+                for batch in encode_batches(tok, chunked(source.items(), batch_size), strict, pool, hit):
                     failures.extend(batch.failures)
-                    if batch.images is not None:
-                        idx = tok.img_to_codes(batch.images.to(device)).indices
-                        hit[idx.reshape(-1)] = True
-                        buffer.write(idx.cpu().numpy().astype(np.int32).tobytes())
-                        n += idx.shape[0]
-                        kept_paths.extend(batch.keys)
+                    buffer.write(batch.indices.tobytes())
+                    n += len(batch.keys)
+                    kept_paths.extend(batch.keys)
                     if progress:
                         progress(n + len(failures), len(failures), float(hit.float().mean()))
             finally:
@@ -191,17 +203,11 @@ def tokenize_paths(
                 reasons = "; ".join(f"{p}: {why}" for p, why in failures[:3])
                 detail = f" ({reasons})" if reasons else ""
                 raise ImageSourceError(f"none of the {len(failures)} inputs is a readable image{detail}")
-            meta = {
-                "codebook_size": K,
-                "resolution": tok.image_size,
-                "code_dim": tok.code_dim,
-                "failed": len(failures),
-                **tokenizer_id(resolved),
-                **(extra_meta or {}),
-            }
             buffer.flush()
-            rows = np.memmap(buffer.name, dtype=np.int32, mode="r", shape=(n, L)) if n else np.zeros((0, L), np.int32)
-            write_codes(Path(output), rows, tok.scales, kept_paths, meta)
+            shape = (n, tok.num_tokens)
+            rows = np.memmap(buffer.name, dtype=np.int32, mode="r", shape=shape) if n else np.zeros(shape, np.int32)
+            write_codes(Path(output), rows, tok.scales, kept_paths, {**codes_meta(resolved, failures),
+                                                                     **(extra_meta or {})})
             del rows
     except OSError as err:
         if err.errno in WRITE_FAULTS:  # the index buffer beside the output hit a full disk or a size limit

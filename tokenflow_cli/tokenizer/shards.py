@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tokenflow_cli.data.sources import ImageSource, SourceItem, decode_batch
+from tokenflow_cli.data.sources import ImageSource, SourceItem, chunked
 from tokenflow_cli.distributed import barrier, cleanup, init_distributed
 from tokenflow_cli.errors import UserError
 from tokenflow_cli.tokenizer.codes import read_codes_meta, write_codes
@@ -35,7 +34,7 @@ from tokenflow_cli.tokenizer.manifest import (
     shard_path,
     write_manifest,
 )
-from tokenflow_cli.tokenizer.pipeline import ProgressFn, ResolvedModel, tokenizer_id
+from tokenflow_cli.tokenizer.pipeline import ProgressFn, ResolvedModel, codes_meta, encode_batches, tokenizer_id
 
 
 class ShardRunError(UserError, ValueError):
@@ -56,18 +55,6 @@ class ShardRunResult:
     @property
     def images_per_s(self) -> float:
         return self.n_images / self.seconds if self.seconds > 0 else 0.0
-
-
-def _shard_blocks(items: Iterator[SourceItem], shard_size: int) -> Iterator[tuple[int, list[SourceItem]]]:
-    block: list[SourceItem] = []
-    index = 0
-    for item in items:
-        block.append(item)
-        if len(block) == shard_size:
-            yield index, block
-            index, block = index + 1, []
-    if block:
-        yield index, block
 
 
 def keys_digest(items: list[SourceItem]) -> str:
@@ -101,24 +88,15 @@ def _encode_shard(resolved: ResolvedModel, index: int, items: list[SourceItem], 
                   batch_size: int, pool: ThreadPoolExecutor | None, strict: bool,
                   hit: torch.Tensor, on_batch) -> tuple[int, list[tuple[str, str]]]:
     tok = resolved.tokenizer
-    device = next(tok.parameters()).device
     rows, keys, failures = [], [], []
-    for first in range(0, len(items), batch_size):
-        batch = decode_batch(items[first : first + batch_size], tok.image_size, strict, pool)
+    for batch in encode_batches(tok, chunked(items, batch_size), strict, pool, hit):  # cut from the shard's start
+        rows.append(batch.indices)
+        keys.extend(batch.keys)
         failures.extend(batch.failures)
-        if batch.images is not None:
-            idx = tok.img_to_codes(batch.images.to(device)).indices
-            hit[idx.reshape(-1)] = True
-            rows.append(idx.cpu().numpy().astype(np.int32))
-            keys.extend(batch.keys)
         on_batch(len(batch.keys), len(batch.failures))
-    indices = np.concatenate(rows) if rows else np.zeros((0, tok.num_tokens), np.int32)
-    meta = {
-        "codebook_size": tok.codebook_size, "resolution": tok.image_size, "code_dim": tok.code_dim,
-        "failed": len(failures), "failed_items": [list(f) for f in failures],
-        "shard_index": index, "input_keys_sha256": digest, **tokenizer_id(resolved),
-    }
-    write_codes(path, indices, tok.scales, keys, meta)
+    meta = {**codes_meta(resolved, failures), "failed_items": [list(f) for f in failures],
+            "shard_index": index, "input_keys_sha256": digest}
+    write_codes(path, np.concatenate(rows), tok.scales, keys, meta)
     return len(keys), failures
 
 
@@ -185,7 +163,7 @@ def _run_rank(resolved, source, out_dir, manifest, identity, batch_size, workers
     start = time.perf_counter()
     pool = ThreadPoolExecutor(workers) if workers > 0 else None
     try:
-        for index, items in _shard_blocks(source.items(), manifest.identity["shard_size"]):
+        for index, items in enumerate(chunked(source.items(), manifest.identity["shard_size"])):
             result.total_shards = index + 1
             if index % world != rank:
                 continue
