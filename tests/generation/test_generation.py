@@ -216,6 +216,8 @@ def test_eval_geneval_cli_compares_schedules(run_dir: Path, tmp_path: Path) -> N
     assert one["images"] == one["prompts"] == 6 and 0.0 <= one["overall"] <= 1.0
     assert len(list((tmp_path / "one-pass" / "geneval").glob("*/samples/0000.png"))) == 6
     assert len((tmp_path / "one-pass" / "records.jsonl").read_text().splitlines()) == 6
+    ceiling = report["detector_on_real_images"]  # the detector on real renders at the model's size
+    assert ceiling["images"] == 300 and ceiling["overall"] > 0.8
 
 
 def test_train_generator_takes_the_tokenizer_from_its_codes(run_dir: Path, tmp_path: Path, tiny_recipe,

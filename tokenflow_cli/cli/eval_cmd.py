@@ -157,7 +157,7 @@ def geneval_cmd(
         "geneval_eval"),
     schedules: Annotated[str, typer.Option("--schedules", help="Comma-separated presets to compare "
                                            "(or one k:p;k:p spec with ';' between passes).")] = "two-pass",
-    per_tag: Annotated[int, typer.Option("--per-tag", help="Prompts per GenEval tag.")] = 10,
+    per_tag: Annotated[int, typer.Option("--per-tag", help="Prompts per GenEval tag.")] = 20,
     samples: Annotated[int, typer.Option("--samples", help="Images per prompt (GenEval: 4).")] = 4,
     cfg: CfgOpt = 3.0,
     temperature: TemperatureOpt = 1.0,
@@ -171,7 +171,7 @@ def geneval_cmd(
     from rich.table import Table
 
     from tokenflow_cli.fileio import atomic_write_text
-    from tokenflow_cli.generation.geneval import run_geneval
+    from tokenflow_cli.generation.geneval import detector_ceiling, run_geneval
     from tokenflow_cli.generation.pipeline import GenerationSettings
     from tokenflow_cli.generation.sampling import get_schedule
 
@@ -189,17 +189,22 @@ def geneval_cmd(
             task = bar.add_task(name, total=None)
             reports[name] = run_geneval(loaded, settings, folder, per_tag, prompt_seed,
                                         lambda k, task=task: bar.advance(task, k))
+    ceiling = detector_ceiling(loaded.tokenizer.image_size)
     report = {"model": loaded.source, "tokenizer": loaded.tokenizer_source, "random_init": loaded.random_init,
-              "schedules": reports}
+              "schedules": reports, "detector_on_real_images": ceiling}
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / "report.json", json.dumps(report, indent=2))
     table = Table(title="GenEval (shapes world)")
     table.add_column("tag")
     for name in reports:
         table.add_column(name, justify="right")
+    table.add_column("real images", justify="right", style="dim")
     tags = list(next(iter(reports.values()))["per_tag"])
     for tag in [*tags, "overall"]:
-        cells = [r["per_tag"][tag] if tag != "overall" else r["overall"] for r in reports.values()]
+        cells = [r["per_tag"][tag] if tag != "overall" else r["overall"] for r in [*reports.values(), ceiling]]
         table.add_row(tag, *(f"{c:.3f}" for c in cells))
     console.print(table)
+    n = next(iter(reports.values()))["images_per_tag"]
+    console.print(f"{min(n.values())}-{max(n.values())} images per tag; 'real images': the detector on "
+                  f"{ceiling['images']} rendered held-out images at {loaded.tokenizer.image_size} px (its ceiling)")
     console.print(f"wrote [bold]{output / 'report.json'}[/]")

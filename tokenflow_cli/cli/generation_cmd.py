@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from tokenflow_cli.cli.common import DeviceOpt, RecipeArg, ResumeOpt, SetOpt, app, console, fail, positive
+from tokenflow_cli.cli.common import CompileOpt, DeviceOpt, RecipeArg, ResumeOpt, SetOpt, app, console, fail, positive
 from tokenflow_cli.cli.training import run_training
 
 GenModelOpt = Annotated[
@@ -98,6 +98,7 @@ def generate_cmd(
     batch_size: GenBatchOpt = 16,
     cache: CacheOpt = True,
     dtype: GenDtypeOpt = None,
+    compile_decoder: CompileOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Text -> images: next-scale sampling with CFG, multi-pass re-prediction and a KV cache."""
@@ -114,6 +115,10 @@ def generate_cmd(
         raise fail(f"{prompts}: no prompts")
     schedule = _schedule(preset, passes, [(k1, p1), (k2, p2), (k3, p3)])
     loaded = load_generator_for_cli(model, tokenizer, device, dtype)
+    if compile_decoder:  # the image decoder (codes -> pixels); the LM's KV-cache shapes change every scale
+        from tokenflow_cli.tokenizer.inference import InferenceOptions, prepare_for_inference
+
+        prepare_for_inference(loaded.tokenizer, InferenceOptions(compile=True, scope="decoders"))
     try:
         settings = loaded.default_settings(schedule=schedule, cfg=cfg, negative_prompt=negative_prompt,
                                            temperature=temperature, seed=seed, samples_per_prompt=n,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -50,12 +51,22 @@ def load_captions(path: str | Path, field: str = "caption") -> list[tuple[Path, 
     return pairs
 
 
-def export_llava(vqa_jsonl: str | Path, out_json: str | Path) -> int:
+def british_spelling(question: str, key: str, share: float) -> str:
+    """`question` with "color" spelled "colour" for a fixed `share` of keys (by a hash of `key`,
+    so the same conversation always gets the same spelling)."""
+    if share <= 0 or (zlib.crc32(key.encode()) % 1000) >= share * 1000:
+        return question
+    return question.replace("color", "colour").replace("Color", "Colour")
+
+
+def export_llava(vqa_jsonl: str | Path, out_json: str | Path, colour_share: float = 0.5) -> int:
     """VQA pairs ({"image", "question", "answer"}) -> LLaVA conversation JSON; returns the count.
 
     One single-turn conversation per pair: [{"id", "image", "conversations": [{"from": "human",
     "value": "<image>\\nQ"}, {"from": "gpt", "value": "A"}]}]. Image paths are rewritten
-    relative to `out_json`'s folder, LLaVA's `image_folder`.
+    relative to `out_json`'s folder, LLaVA's `image_folder`. A `colour_share` of the questions
+    spell "colour" (British), so a model trained on them takes either spelling; vqa.jsonl, which
+    `eval vqa` scores, keeps one.
     """
     vqa_jsonl, out_json = Path(vqa_jsonl), Path(out_json)
     source_dir, target_dir = vqa_jsonl.parent.resolve(), out_json.parent.resolve()
@@ -70,7 +81,8 @@ def export_llava(vqa_jsonl: str | Path, out_json: str | Path) -> int:
                 "id": f"{Path(image).with_suffix('').as_posix()}-{turn}",
                 "image": Path(image).as_posix(),
                 "conversations": [
-                    {"from": "human", "value": f"<image>\n{record['question']}"},
+                    {"from": "human", "value": "<image>\n" + british_spelling(
+                        record["question"], f"{image}-{turn}", colour_share)},
                     {"from": "gpt", "value": str(record["answer"])},
                 ],
             }

@@ -142,3 +142,23 @@ def run_geneval(loaded, settings, out_dir: str | Path, n_per_tag: int = 10, prom
     atomic_write_text(out_dir / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return {**summarize(records), "prompts": len(metadata), "seconds": round(result.seconds, 2),
             "images_per_s": round(result.images_per_s, 3), "settings": settings.to_json()}
+
+
+CEILING_SEED = 90210  # a world no training or prompt set uses
+
+
+def detector_ceiling(image_size: int, n: int = 300, seed: int = CEILING_SEED) -> dict[str, Any]:
+    """The detector's score on real rendered images of the shapes world at `image_size`, with
+    their own GenEval metadata: the most a perfect generator can score (small stars, for one,
+    are hard to tell from blobs at 32 px)."""
+    import tempfile
+
+    from PIL import Image
+
+    from tokenflow_cli.data.shapes import render_shapes_world
+
+    with tempfile.TemporaryDirectory() as tmp:
+        render_shapes_world(Path(tmp), n=n, seed=seed, size=image_size)
+        metadata = [json.loads(line) for line in (Path(tmp) / "geneval.jsonl").read_text().splitlines()]
+        images = [np.asarray(Image.open(Path(tmp) / m["image"]).convert("RGB")) for m in metadata]
+    return summarize(score_images(images, metadata))
