@@ -214,10 +214,13 @@ class DefaultModel:
         return path.is_file() or any((path / name).exists() for name in self.markers)
 
 
-DEFAULT_TOKENIZER = DefaultModel("tokenizer", "TOKENFLOW_TOKENIZER", "tokenizer", "tiny-tokenizer.safetensors")
-DEFAULT_GENERATOR = DefaultModel("generator", "TOKENFLOW_GENERATOR", "generator", "tiny-generator")
+# the shipped defaults: the 32 px toy world (recipes shapes-toy, generator-toy, llava-toy), built by
+# scripts/build_defaults.sh and copied in by scripts/ship_defaults.py
+DEFAULT_TOKENIZER = DefaultModel("tokenizer", "TOKENFLOW_TOKENIZER", "tokenizer", "toy-tokenizer.safetensors")
+DEFAULT_GENERATOR = DefaultModel("generator", "TOKENFLOW_GENERATOR", "generator", "toy-generator")
 # an understanding model folder (llava.json), or a finetune run folder (final/, llava-base/)
-DEFAULT_LLAVA = DefaultModel("llava", "TOKENFLOW_LLAVA", "llava", markers=("llava.json", "final", "llava-base"))
+DEFAULT_LLAVA = DefaultModel("llava", "TOKENFLOW_LLAVA", "llava", "toy-llava",
+                             markers=("llava.json", "final", "llava-base"))
 
 
 def torch_hub_checkpoints() -> Path:

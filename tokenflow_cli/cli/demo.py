@@ -1,7 +1,7 @@
 """`make demo` (`python -m tokenflow_cli.cli.demo`): the whole tokenizer story on a laptop CPU.
 
-Renders a small shapes world plus natural-image crops, trains the tiny tokenizer for a few
-minutes, tokenizes and reconstructs held-out images, prints a summary (PSNR, codebook usage,
+Renders a small shapes world plus natural-image crops, trains the toy tokenizer (recipe shapes-toy, 32 px) for a
+few minutes, tokenizes and reconstructs held-out images, prints a summary (PSNR, codebook usage,
 images/s), writes the reconstruction grids, and installs the trained tokenizer as the default
 that `tokenflow tokenize` uses without `--model`.
 
@@ -21,7 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CALIBRATION_STEPS = 6  # inside the tiny recipe's warmup, so calibrating then resuming == one run
+CALIBRATION_STEPS = 6  # inside the recipe's warmup, so calibrating then resuming == one run
+DEMO_SIZE = 32  # the toy world of the shipped defaults (recipes shapes-toy, generator-toy, llava-toy)
+TOKENIZER_RECIPE = "shapes-toy"
+GENERATOR_RECIPE = "generator-toy"
 
 
 @dataclass
@@ -35,7 +38,7 @@ class DemoContext:
     n_val: int = 32  # held-out images per kind
     install: bool = True  # make the trained tokenizer (and generator) the defaults
     gen_minutes: float = 1.5  # generator training budget (0 skips the generator)
-    overrides: list[str] = field(default_factory=list)  # extra `--set` values for the tiny recipe
+    overrides: list[str] = field(default_factory=list)  # extra `--set` values for the tokenizer recipe
     data: dict[str, Path] = field(default_factory=dict)  # name -> image folder or list file
     run_dir: Path | None = None
     tokenizer_path: Path | None = None  # the trained model.safetensors
@@ -53,10 +56,10 @@ def prepare_data(ctx: DemoContext) -> None:
 
     root = ctx.out_dir / "data"
     started = time.perf_counter()
-    render_shapes_world(root / "shapes", n=ctx.n_shapes, seed=ctx.seed, size=64, llava=True)
-    render_shapes_world(root / "shapes_val", n=ctx.n_val, seed=ctx.seed + 1000, size=64)
-    natural_crops(root / "natural", n=ctx.n_natural, size=64, seed=ctx.seed, split="train")
-    natural_crops(root / "natural_val", n=ctx.n_val, size=64, seed=ctx.seed, split="val")
+    render_shapes_world(root / "shapes", n=ctx.n_shapes, seed=ctx.seed, size=DEMO_SIZE, llava=True)
+    render_shapes_world(root / "shapes_val", n=ctx.n_val, seed=ctx.seed + 1000, size=DEMO_SIZE)
+    natural_crops(root / "natural", n=ctx.n_natural, size=DEMO_SIZE, seed=ctx.seed, split="train")
+    natural_crops(root / "natural_val", n=ctx.n_val, size=DEMO_SIZE, seed=ctx.seed, split="val")
     for split, parts in (("train", ("shapes", "natural")), ("val", ("shapes_val", "natural_val"))):
         lines = [f"{part}/images/{p.name}" for part in parts for p in sorted((root / part / "images").glob("*.png"))]
         (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
@@ -81,7 +84,7 @@ def _teacher_overrides(ctx: DemoContext) -> list[str]:
 
 
 def train_tokenizer_step(ctx: DemoContext) -> None:
-    """Calibrate the speed on a few steps, then train the tiny recipe for the budget (resuming)."""
+    """Calibrate the speed on a few steps, then train the tokenizer recipe for the budget (resuming)."""
     from tokenflow_cli.config import load_recipe
     from tokenflow_cli.tokenizer.config import TokenizerRecipe
     from tokenflow_cli.tokenizer.stage import train_tokenizer
@@ -90,7 +93,7 @@ def train_tokenizer_step(ctx: DemoContext) -> None:
     teacher = _teacher_overrides(ctx)
 
     def recipe(steps: int):
-        return load_recipe("tiny", TokenizerRecipe, overrides=[
+        return load_recipe(TOKENIZER_RECIPE, TokenizerRecipe, overrides=[
             f"data.train={ctx.data['train']}", f"data.val={ctx.data['val']}", f"train.steps={steps}",
             f"train.seed={ctx.seed}", "train.log_every=1" if steps == CALIBRATION_STEPS else "train.log_every=10",
             f"train.eval_every={0 if steps == CALIBRATION_STEPS else steps}", "data.val_limit=64",
@@ -190,7 +193,7 @@ DEMO_PROMPTS = ("a red circle", "two blue squares", "a yellow triangle left of a
 
 
 def generator_step(ctx: DemoContext) -> None:
-    """Tokenize the shapes world once, train the tiny generator for its budget, sample a grid,
+    """Tokenize the shapes world once, train the toy generator for its budget, sample a grid,
     and install it as the default that `tokenflow generate` uses without --model."""
     import torch
 
@@ -214,7 +217,7 @@ def generator_step(ctx: DemoContext) -> None:
     codes = ctx.out_dir / "codes_shapes.npz"
     tokenize_paths(resolved, list_images(ctx.data["shapes"]), codes, batch_size=32)
     run_dir = ctx.out_dir / "generator_run"
-    recipe = load_recipe("generator-tiny", GeneratorRecipe, overrides=[
+    recipe = load_recipe(GENERATOR_RECIPE, GeneratorRecipe, overrides=[
         f"data.codes={codes}", f"data.captions={ctx.data['shapes'].parent / 'captions.jsonl'}",
         f"data.tokenizer={ctx.tokenizer_path}", f"train.seed={ctx.seed}",
         "train.eval_every=0", "train.checkpoint_every=100000",
@@ -264,8 +267,53 @@ def _install_generator_if_better(ctx: DemoContext, trained, run_dir: Path, setti
     ctx.summary.append(f"default generator installed: {target} (selection GenEval {ours:.2f})")
 
 
+SHOWCASE_QUESTIONS = ("What color is the {shape}?", "How many {shape}s are there?", "What shape is the {color} object?")
+
+
+def showcase_step(ctx: DemoContext) -> None:
+    """What the defaults now in place do (the shipped models, or what this demo installed):
+    samples for the demo prompts from the default generator and answers from the default
+    understanding model on held-out shapes, beside the truth."""
+    import json
+
+    import torch
+
+    from tokenflow_cli.generation.pipeline import GenerationSettings, generate_images, resolve_generator, write_outputs
+    from tokenflow_cli.generation.sampling import get_schedule
+    from tokenflow_cli.understanding.pipeline import load_understanding
+    from tokenflow_cli.weights import DEFAULT_LLAVA
+
+    device = torch.device(ctx.device)
+    loaded = resolve_generator(None, device)
+    if not loaded.random_init:
+        settings = GenerationSettings(get_schedule("two-pass"), cfg=3.0, seed=ctx.seed, samples_per_prompt=4)
+        out = ctx.out_dir / "default_generated"
+        write_outputs(out, generate_images(loaded, list(DEMO_PROMPTS), settings), settings)
+        ctx.summary.append(f"default generator {loaded.source}: samples for {', '.join(map(repr, DEMO_PROMPTS))} "
+                           f"in {out / 'grid.png'}")
+    if DEFAULT_LLAVA.find() is None:
+        ctx.summary.append("no default understanding model: `tokenflow ask` needs --model")
+        return
+    understanding = load_understanding(None, device)
+    val_dir = ctx.out_dir / "data" / "shapes_val"
+    records = [json.loads(line) for line in (val_dir / "geneval.jsonl").read_text().splitlines()]
+    shown = [r for r in records if len(r["objects"]) == 1][:2] or records[:2]
+    ctx.summary.append(f"default understanding model {understanding.model_dir}:")
+    for record in shown:
+        obj = record["objects"][0]
+        image = val_dir / record["image"]
+        for template in SHOWCASE_QUESTIONS:
+            question = template.format(shape=obj["shape"], color=obj["color"])
+            visual = understanding.visual_tokens([image])
+            answer = understanding.model.answer(visual, [question], max_new_tokens=8)[0]
+            ctx.summary.append(f"  {image.name}: {question} -> {answer!r}")
+    ctx.summary.append("  (truth: " + "; ".join(f"{r['image']}: {r['objects'][0]['color']} {r['objects'][0]['shape']}, "
+                                                 f"{sum(o['shape'] == r['objects'][0]['shape'] for o in r['objects'])}"
+                                                 for r in shown) + ")")
+
+
 DEMO_STEPS: list[Callable[[DemoContext], None]] = [
-    prepare_data, train_tokenizer_step, evaluate_step, install_step, generator_step,
+    prepare_data, train_tokenizer_step, evaluate_step, install_step, generator_step, showcase_step,
 ]
 
 
@@ -278,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-install", action="store_true", help="do not replace the default tokenizer")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a tiny-recipe value (repeatable), e.g. --set train.lr=3e-4")
+                        help="override a tokenizer-recipe value (repeatable), e.g. --set train.lr=3e-4")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download; fail fast instead
     ctx = DemoContext(args.output, args.minutes, args.device, args.seed, install=not args.no_install,

@@ -68,3 +68,44 @@ def usage_histogram(counts_per_scale: np.ndarray, path: Path, width: int = 800, 
             img[y0 - h : y0, x] = (40, 90, 200)
         img[y0, :] = (0, 0, 0)
     save_png(img, path)
+
+
+CURVE_KEYS = ("loss", "nll", "psnr", "val_loss", "val_accuracy", "usage")  # panels, when present
+
+
+def learning_curves(metrics_jsonl: Path, path: Path, width: int = 360, height: int = 160) -> Path | None:
+    """One panel per logged quantity (train loss, eval PSNR / val loss / accuracy ...) against
+    the step, from a run's metrics.jsonl; drawn without matplotlib. None when nothing to draw."""
+    import json
+
+    from PIL import ImageDraw
+
+    rows = [json.loads(x) for x in Path(metrics_jsonl).read_text().splitlines() if x.strip()]
+    panels = []
+    for key in CURVE_KEYS:
+        for split in ("train", "eval"):
+            pts = [(r["step"], r[key]) for r in rows if r.get("split") == split and isinstance(r.get(key), int | float)]
+            if len(pts) >= 2:
+                panels.append((f"{split} {key}", np.asarray(pts, dtype=np.float64)))
+    if not panels:
+        return None
+    img = Image.new("RGB", (width, height * len(panels)), "white")
+    draw = ImageDraw.Draw(img)
+    left, right, top, bottom = 48, 8, 16, 18
+    for i, (name, pts) in enumerate(panels):
+        y0 = i * height
+        x, y = pts[:, 0], pts[:, 1]
+        lo, hi = float(y.min()), float(y.max())
+        hi = hi if hi > lo else lo + 1.0
+        sx = (x - x.min()) / max(x.max() - x.min(), 1.0) * (width - left - right) + left
+        sy = y0 + top + (hi - y) / (hi - lo) * (height - top - bottom)
+        draw.rectangle([left, y0 + top, width - right, y0 + height - bottom], outline=(180, 180, 180))
+        draw.line(list(zip(sx.tolist(), sy.tolist(), strict=True)), fill=(40, 90, 200), width=2)
+        draw.text((left, y0 + 2), f"{name}: last {y[-1]:.4g}", fill=(0, 0, 0))
+        draw.text((2, y0 + top), f"{hi:.3g}", fill=(90, 90, 90))
+        draw.text((2, y0 + height - bottom - 10), f"{lo:.3g}", fill=(90, 90, 90))
+        draw.text((left, y0 + height - bottom + 2), f"step {int(x.min())}", fill=(90, 90, 90))
+        draw.text((width - right - 70, y0 + height - bottom + 2), f"step {int(x.max())}", fill=(90, 90, 90))
+    with atomic_path(Path(path), suffix=".png") as tmp:
+        img.save(tmp, format="PNG")
+    return Path(path)

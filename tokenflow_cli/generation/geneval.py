@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from tokenflow_cli.data.shapes import detect_shapes, geneval_prompts
+from tokenflow_cli.data.shapes import detect_shapes, geneval_prompts, render_shapes_world
 from tokenflow_cli.eval.visual import save_png
 from tokenflow_cli.fileio import atomic_write_text
 from tokenflow_cli.generation.pipeline import generate_images
@@ -154,8 +154,6 @@ def detector_ceiling(image_size: int, n: int = 300, seed: int = CEILING_SEED) ->
     import tempfile
 
     from PIL import Image
-
-    from tokenflow_cli.data.shapes import render_shapes_world
 
     with tempfile.TemporaryDirectory() as tmp:
         render_shapes_world(Path(tmp), n=n, seed=seed, size=image_size)

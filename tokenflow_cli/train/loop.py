@@ -26,6 +26,7 @@ from tokenflow_cli import checkpoint as ckpt
 from tokenflow_cli.config import TrainConfig, save_resolved, to_dict
 from tokenflow_cli.device import autocast, resolve_device, seed_everything
 from tokenflow_cli.distributed import barrier, init_distributed
+from tokenflow_cli.eval.visual import learning_curves
 from tokenflow_cli.train import fsdp, parallel
 from tokenflow_cli.train import state as run_state
 from tokenflow_cli.train.optim import ModelEma, lr_multiplier
@@ -209,9 +210,20 @@ class _Loop:
             if step != saved_step and not self._updating:
                 latest = self._save(step)
         seconds = time.perf_counter() - started
+        self._draw_curves()
         return TrainResult(self.run_dir, step, latest, history, last_eval,
                            images * self.info.world_size / max(seconds, 1e-9), seconds,
                            stopped_early=step < cfg.steps, rank=self.info.rank)
+
+    def _draw_curves(self) -> None:
+        """RUN_DIR/curves.png from metrics.jsonl (rank 0); a drawing problem never fails a run."""
+        metrics = self.run_dir / "metrics.jsonl"
+        if self.info.rank == 0 and metrics.is_file():
+            try:
+                learning_curves(metrics, self.run_dir / "curves.png")
+            except (OSError, ValueError, KeyError) as err:
+                if self.progress:
+                    self.progress.message(f"curves.png not drawn: {err}")
 
     def _stop_on_worker_death(self, err: RuntimeError, batches: Any, step: int) -> bool:
         """A DataLoader worker died after a stop request (a group-wide signal that reached it
