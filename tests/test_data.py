@@ -348,13 +348,11 @@ def test_llava_export_paths_resolve(shapes_world, tmp_path):
     assert (tmp_path / "elsewhere" / moved[0]["image"]).resolve() == (out / local[0]["image"]).resolve()
     pairs = load_captions(out / "captions.jsonl")
     assert pairs[0][0] == out / "images" / "000000.png" and pairs[0][1]
-    # about half the colour questions are spelled "colour", so `ask ... "What colour ..."` is in
-    # distribution; the question set `eval vqa` scores keeps one spelling
+    # about half the colour questions spell "colour" (`ask ... "What colour ..."` is in distribution)
     humans = [c["conversations"][0]["value"] for c in local]
     british, american = sum("colour" in h for h in humans), sum("color " in h for h in humans)
-    assert british > 0 and american > 0 and 0.25 < british / (british + american) < 0.75
-    assert "colour" not in (out / "vqa.jsonl").read_text()
-    assert export_llava(out / "vqa.jsonl", tmp_path / "us" / "llava.json", colour_share=0.0) == summary.n_vqa
+    assert 0.25 < british / (british + american) < 0.75 and "colour" not in (out / "vqa.jsonl").read_text()
+    export_llava(out / "vqa.jsonl", tmp_path / "us" / "llava.json", colour_share=0.0)
     assert "colour" not in (tmp_path / "us" / "llava.json").read_text()
 
 
