@@ -81,22 +81,6 @@ def decode_image(data: bytes) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-def output_names(paths: list[str]) -> list[str]:
-    """The PNG names `tokenflow reconstruct` gives a codes file's images, in order (its rule in
-    tokenizer/reconstruct.py: the input's stem, `_1`, `_2`, ... appended to repeats)."""
-
-    used: set[str] = set()
-    names = []
-    for path in paths:
-        stem = Path(path).stem
-        name, k = stem, 1
-        while name in used:
-            name, k = f"{stem}_{k}", k + 1
-        used.add(name)
-        names.append(f"{name}.png")
-    return names
-
-
 def bytes_per_image(scales: tuple[int, ...], codebook_size: int) -> dict:
     """The fixed-length size of one image's indices: L * log2(K) / 8 bytes."""
 
@@ -228,6 +212,7 @@ def main() -> None:
     from tokenflow_cli.eval.fid import FeatureCache
     from tokenflow_cli.fileio import atomic_write_text
     from tokenflow_cli.tokenizer.codes import read_codes
+    from tokenflow_cli.tokenizer.reconstruct import output_names
 
     spec = feature_spec(args.tiny_features, args.inception_weights)
     paths = list_images(args.data)

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tokenflow_cli.fileio import file_sha256  # noqa: E402
+from tokenflow_cli.fileio import atomic_path, file_sha256, replace_folder  # noqa: E402
 from tokenflow_cli.weights import ASSETS_DIR, DEFAULT_GENERATOR, DEFAULT_LLAVA, DEFAULT_TOKENIZER  # noqa: E402
 
 GENERATOR_FILES = ("model.safetensors", "generator.json", "recipe.yaml", "image_tokenizer.safetensors",
@@ -34,21 +34,12 @@ def _copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _replace_folder(staged: Path, target: Path) -> None:
-    old = target.with_name(target.name + ".old")
-    if target.exists():
-        target.rename(old)
-    staged.rename(target)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def ship(build: Path, assets: Path = ASSETS_DIR) -> list[str]:
     lines = []
     tokenizer = build / "tokenizer" / "model.safetensors"
     target = assets / DEFAULT_TOKENIZER.asset
-    shutil.copyfile(tokenizer, target.with_suffix(".tmp"))
-    target.with_suffix(".tmp").replace(target)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(tokenizer, tmp)
     lines.append(f"tokenizer {tokenizer} -> {target}")
 
     staged = assets / (DEFAULT_GENERATOR.asset + ".new")
@@ -56,7 +47,7 @@ def ship(build: Path, assets: Path = ASSETS_DIR) -> list[str]:
     staged.mkdir()
     for name in GENERATOR_FILES:
         _copy(build / "generator" / name, staged / name)
-    _replace_folder(staged, assets / DEFAULT_GENERATOR.asset)
+    replace_folder(staged, assets / DEFAULT_GENERATOR.asset)
     lines.append(f"generator {build / 'generator'} -> {assets / DEFAULT_GENERATOR.asset}")
 
     final = build / "llava" / "final"
@@ -71,7 +62,7 @@ def ship(build: Path, assets: Path = ASSETS_DIR) -> list[str]:
     info["tokenizer_source"] = IMAGE_TOKENIZER  # read relative to the model folder
     info["config"]["tokenizer"] = IMAGE_TOKENIZER
     (staged / "llava.json").write_text(json.dumps(info, indent=1) + "\n")
-    _replace_folder(staged, assets / DEFAULT_LLAVA.asset)
+    replace_folder(staged, assets / DEFAULT_LLAVA.asset)
     lines.append(f"understanding model {final} -> {assets / DEFAULT_LLAVA.asset}")
     return lines
 

@@ -267,17 +267,19 @@ def _install_generator_if_better(ctx: DemoContext, trained, run_dir: Path, setti
     ctx.summary.append(f"default generator installed: {target} (selection GenEval {ours:.2f})")
 
 
-SHOWCASE_QUESTIONS = ("What color is the {shape}?", "How many {shape}s are there?", "What shape is the {color} object?")
+SHOWCASE_QUESTIONS = (  # (question, the answer's field of the object); asked about one-object images
+    ("What color is the {shape}?", "color"), ("How many {shape}s are there?", "count"),
+    ("What shape is the {color} object?", "shape"),
+)
 
 
 def showcase_step(ctx: DemoContext) -> None:
     """What the defaults now in place do (the shipped models, or what this demo installed):
     samples for the demo prompts from the default generator and answers from the default
-    understanding model on held-out shapes, beside the truth."""
-    import json
-
+    understanding model on held-out one-object shapes images, beside the truth."""
     import torch
 
+    from tokenflow_cli.data.captions import read_jsonl
     from tokenflow_cli.generation.pipeline import GenerationSettings, generate_images, resolve_generator, write_outputs
     from tokenflow_cli.generation.sampling import get_schedule
     from tokenflow_cli.understanding.pipeline import load_understanding
@@ -296,20 +298,15 @@ def showcase_step(ctx: DemoContext) -> None:
         return
     understanding = load_understanding(None, device)
     val_dir = ctx.out_dir / "data" / "shapes_val"
-    records = [json.loads(line) for line in (val_dir / "geneval.jsonl").read_text().splitlines()]
-    shown = [r for r in records if len(r["objects"]) == 1][:2] or records[:2]
+    shown = [r for r in read_jsonl(val_dir / "geneval.jsonl") if len(r["objects"]) == 1][:2]
     ctx.summary.append(f"default understanding model {understanding.model_dir}:")
     for record in shown:
-        obj = record["objects"][0]
-        image = val_dir / record["image"]
-        for template in SHOWCASE_QUESTIONS:
-            question = template.format(shape=obj["shape"], color=obj["color"])
-            visual = understanding.visual_tokens([image])
-            answer = understanding.model.answer(visual, [question], max_new_tokens=8)[0]
-            ctx.summary.append(f"  {image.name}: {question} -> {answer!r}")
-    ctx.summary.append("  (truth: " + "; ".join(f"{r['image']}: {r['objects'][0]['color']} {r['objects'][0]['shape']}, "
-                                                 f"{sum(o['shape'] == r['objects'][0]['shape'] for o in r['objects'])}"
-                                                 for r in shown) + ")")
+        obj = {**record["objects"][0], "count": "1"}
+        questions = [template.format(**obj) for template, _ in SHOWCASE_QUESTIONS]
+        visual = understanding.visual_tokens([val_dir / record["image"]]).expand(len(questions), -1, -1)
+        answers = understanding.model.answer(visual, questions, max_new_tokens=8)
+        for question, (_, key), answer in zip(questions, SHOWCASE_QUESTIONS, answers, strict=True):
+            ctx.summary.append(f"  {record['image']}: {question} -> {answer!r} (truth {obj[key]!r})")
 
 
 DEMO_STEPS: list[Callable[[DemoContext], None]] = [

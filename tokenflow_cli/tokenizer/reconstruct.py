@@ -33,6 +33,13 @@ def _unique_name(path: str, used: set[str]) -> str:
     return name
 
 
+def output_names(paths: list[str]) -> list[str]:
+    """The PNG names reconstruction gives these inputs, in order: the input's stem, with `_1`,
+    `_2`, ... appended to repeats (pairs each reconstruction with its original)."""
+    used: set[str] = set()
+    return [f"{_unique_name(str(path), used)}.png" for path in paths]
+
+
 @torch.no_grad()
 def reconstruct_images(
     resolved: ResolvedModel,
