@@ -131,7 +131,7 @@ def clip_tokens(sd: SD, x: torch.Tensor, s: OfficialSpec) -> torch.Tensor:
     t = F.conv2d(x, sd[f"{p}.conv1.weight"], stride=s.patch)  # the [-1, 1] image, no CLIP mean/std
     B, D, g, _ = t.shape
     t = t.reshape(B, D, -1).permute(0, 2, 1)
-    t = torch.cat([sd[f"{p}.class_embedding"] + torch.zeros(B, 1, D), t], dim=1)
+    t = torch.cat([sd[f"{p}.class_embedding"] + t.new_zeros(B, 1, D), t], dim=1)
     pos = sd[f"{p}.positional_embedding"]
     t = _ln(sd, f"{p}.ln_pre", t + torch.cat([pos[:1], _dino_resize(pos[1:], g)]), 1e-5)
     for i in range(s.layers):
