@@ -12,7 +12,12 @@ from __future__ import annotations
 EXIT_USER_ERROR = 1  # a user error: the message says what to fix
 EXIT_USAGE = 2  # a bad command line or option value (click's usage error)
 EXIT_NON_FINITE_LOSS = 3  # training stopped on a non-finite loss; the last good checkpoint is kept
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT); another signal exits 128 + its number (SIGTERM: 143)
+
+
+def exit_code_for_signal(signum: int) -> int:
+    """The shell's convention for a process stopped by a signal."""
+    return 128 + int(signum)
 
 
 class UserError(Exception):

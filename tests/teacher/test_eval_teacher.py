@@ -47,7 +47,7 @@ def test_train_teacher_file_loads_as_tokenizer_teacher(world, tmp_path):
     from tokenflow_cli.config import load_recipe
     from tokenflow_cli.teacher.config import TeacherRecipe
     from tokenflow_cli.teacher.evaluate import load_clip, zero_shot_report
-    from tokenflow_cli.teacher.stage import train_teacher
+    from tokenflow_cli.teacher.stage import publish_teacher, train_teacher
     from tokenflow_cli.tokenizer.config import SemanticEncoderConfig, TeacherConfig, TokenizerRecipe
     from tokenflow_cli.tokenizer.semantic import Teacher
 
@@ -55,9 +55,10 @@ def test_train_teacher_file_loads_as_tokenizer_teacher(world, tmp_path):
         f"data.captions={world / 'captions.jsonl'}", "data.val_size=4", "train.steps=2", "train.batch_size=8",
         "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=1", "eval.batch_size=4"])
     publish = tmp_path / "published" / "teacher.safetensors"
-    result = train_teacher(recipe, tmp_path / "run", device="cpu", live=False, publish=publish)
-    assert result.step == 2 and 0 <= result.last_eval["i2t_top1"] <= 1
+    result = train_teacher(recipe, tmp_path / "run", device="cpu", live=False)
+    assert result.step == 2 and 0 <= result.last_eval["i2t_top1"] <= 1 and not publish.exists()
     weights = tmp_path / "run" / "model.safetensors"
+    assert publish_teacher(tmp_path / "run", publish, steps=2) == publish
     assert publish.read_bytes() == weights.read_bytes()
 
     clip = load_clip(str(tmp_path / "run"))

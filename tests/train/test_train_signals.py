@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,38 +102,88 @@ def test_worker_death_without_a_stop_request_still_fails(tmp_path):
         train(stage, tiny_cfg(1000), tmp_path, device="cpu", live=False)
 
 
-def test_sigterm_to_the_process_group_stops_train_tokenizer_with_a_checkpoint(tmp_path):
-    from tokenflow_cli.data.shapes import render_shapes_world
-    from tokenflow_cli.tokenizer.model import load_tokenizer
-
-    render_shapes_world(tmp_path / "shapes", n=16, seed=0, size=64)
-    run = tmp_path / "run"
-    overrides = [f"data.train={tmp_path / 'shapes' / 'images'}", "data.num_workers=1", "data.val_limit=4",
-                 "train.batch_size=4", "train.eval_every=0", "train.checkpoint_every=1", "train.log_every=1",
-                 "model.quantizer.codebook_size=64"]
-    cmd = [sys.executable, "-m", "tokenflow_cli", "train-tokenizer", "tiny", "-o", str(run), "--device", "cpu",
-           "--steps", "1000", *[arg for o in overrides for arg in ("--set", o)]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+def _interrupt_training(command: list[str], run: Path, sig: int, home: Path) -> tuple[int, str]:
+    """Start a training command in its own process group (as a shell or `timeout` would), wait
+    for its first checkpoint, send `sig` to the whole group, and return (exit code, output)."""
+    cmd = [sys.executable, "-m", "tokenflow_cli", *command, "-o", str(run), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "TOKENFLOW_HOME": str(home)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group, as under `timeout`
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not complete_checkpoints(run) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        os.killpg(proc.pid, signal.SIGTERM)  # main process and its DataLoader worker alike
+        assert proc.poll() is None, "the run ended before its first checkpoint: " + proc.communicate()[0]
+        os.killpg(proc.pid, sig)  # main process and its DataLoader worker alike
         output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, output
+    return proc.returncode, output
+
+
+def _check_interrupted(code: int, output: str, run: Path, sig: int) -> int:
+    """Exit 128 + sig, one `error:` line naming the signal and the step, the checkpoint of that
+    step on disk and published as the run's weights; returns the step."""
+    assert code == 128 + sig, output
     assert "stopping after this step" in output and "Traceback" not in output
-    stopped = re.search(r"stopped early at step (\d+)", output)
-    assert stopped, output
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, output
+    stopped = re.search(rf"interrupted by {signal.Signals(sig).name} at step (\d+)", lines[0])
+    assert stopped and "nothing published" in lines[0], output
     step = int(stopped.group(1))
     assert [s for s, _ in complete_checkpoints(run)][-1] == step
     assert load_train_state(latest_checkpoint(run) / STATE_NAME)["step"] == step
+    return step
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    from tokenflow_cli.data.shapes import render_shapes_world
+
+    root = tmp_path_factory.mktemp("signals") / "shapes"
+    render_shapes_world(root, n=16, seed=0, size=64)
+    return root
+
+
+TRAIN_OVERRIDES = ["data.num_workers=1", "train.batch_size=4", "train.eval_every=0", "train.checkpoint_every=1",
+                   "train.log_every=1"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_process_group_stops_train_tokenizer_with_a_checkpoint(shapes, tmp_path, sig):
+    from tokenflow_cli.tokenizer.model import load_tokenizer
+
+    run = tmp_path / "run"
+    overrides = [*TRAIN_OVERRIDES, f"data.train={shapes / 'images'}", "data.val_limit=4",
+                 "model.quantizer.codebook_size=64"]
+    code, output = _interrupt_training(["train-tokenizer", "tiny", "--steps", "1000",
+                                        *[arg for o in overrides for arg in ("--set", o)]], run, sig, tmp_path / "home")
+    _check_interrupted(code, output, run, sig)
     published = load_state(run / WEIGHTS_NAME)[0]
     tok = load_tokenizer(str(run), device="cpu")
     assert all(torch.equal(tok.state_dict()[k], v) for k, v in published.items())
 
+
+def test_ctrl_c_in_train_teacher_keeps_the_checkpoint_and_publishes_no_default(shapes, tmp_path, monkeypatch):
+    from tokenflow_cli.cli.app import main
+    from tokenflow_cli.teacher.stage import UnfinishedRunError, publish_teacher
+    from tokenflow_cli.weights import TINY_TEACHER, default_location
+
+    home, run = tmp_path / "home", tmp_path / "teacher"
+    overrides = [arg for o in [*TRAIN_OVERRIDES, f"data.captions={shapes / 'captions.jsonl'}", "data.val_size=4"]
+                 for arg in ("--set", o)]
+    code, output = _interrupt_training(["train-teacher", "teacher-tiny", "--steps", "1000", "--publish", *overrides],
+                                       run, signal.SIGINT, home)
+    step = _check_interrupted(code, output, run, signal.SIGINT)
+    monkeypatch.setenv("TOKENFLOW_HOME", str(home))
+    default = default_location(TINY_TEACHER)
+    assert not default.exists() and "published as the default" not in output
+    with pytest.raises(UnfinishedRunError, match=f"{step} of 1000 steps"):
+        publish_teacher(run, default, steps=1000)
+    assert not default.exists()
+    # publishing is a separate step after a finished run: one more step finishes a shorter run
+    with pytest.raises(SystemExit) as stop:
+        main(["train-teacher", "teacher-tiny", "-o", str(run), "--device", "cpu", "--publish",
+              "--steps", str(step + 1), *overrides])
+    assert stop.value.code == 0 and default.read_bytes() == (run / WEIGHTS_NAME).read_bytes()

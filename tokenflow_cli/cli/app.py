@@ -17,7 +17,7 @@ from tokenflow_cli.cli import (
     understanding_cmd,  # noqa: F401  (ask, finetune-llava)
 )
 from tokenflow_cli.cli.codes_cmd import codes_app
-from tokenflow_cli.cli.common import CliState, app, debug_from_env, err_console
+from tokenflow_cli.cli.common import CliState, app, debug_from_env, fit_consoles_to_output, report_error
 from tokenflow_cli.cli.data_cmd import data_app
 from tokenflow_cli.cli.eval_cmd import eval_app  # eval vqa|teacher|geneval (+ rfid|usage)
 from tokenflow_cli.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
@@ -31,25 +31,21 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(codes_app, name="codes")
 
 
-def _report(err: BaseException | str) -> None:
-    message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message held
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI. A `UserError` (or a missing file) that reaches here prints one line and exits
     1; `--debug` or TOKENFLOW_DEBUG=1 shows its traceback. Any other exception is a bug and
     keeps its traceback."""
     CliState.debug = debug_from_env()  # until the global options are parsed
+    fit_consoles_to_output()
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="tokenflow", standalone_mode=False)
     except typer.Abort:
-        err_console.print("[bold red]error:[/] interrupted")
+        report_error("interrupted")
         code = EXIT_INTERRUPTED
     except UsageError as err:  # a bad command line or option value: exit 2
         where = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
-        _report(f"{err.format_message()}{where}")
+        report_error(f"{err.format_message()}{where}")
         code = err.exit_code
     except ClickException as err:
         err.show()
@@ -57,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     except (UserError, FileNotFoundError) as err:
         if CliState.debug:
             raise
-        _report(err)
+        report_error(err)
         code = EXIT_USER_ERROR
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -19,6 +19,14 @@ app = typer.Typer(
 )
 console = Console(stderr=False)
 err_console = Console(stderr=True)
+NON_TERMINAL_WIDTH = 100_000  # a pipe, a log file, CI: never wrap a line or cut a table cell
+
+
+def fit_consoles_to_output() -> None:
+    """On a terminal, Rich uses its width; elsewhere (no $COLUMNS) nothing is hard-wrapped or cut
+    at 80 columns: a table, a path or a message stays on its line for grep and log readers."""
+    for con in (console, err_console):
+        con.width = None if con.is_terminal or os.environ.get("COLUMNS") else NON_TERMINAL_WIDTH
 
 
 class CliState:
@@ -37,6 +45,7 @@ def _global_options(
 ) -> None:
     """TokenFlow unified image tokenizer toolkit: train, tokenize, reconstruct, generate, understand, evaluate."""
     CliState.debug = debug or debug_from_env()  # set afresh for every invocation
+    fit_consoles_to_output()
 
 ModelOpt = Annotated[
     str | None,
@@ -73,8 +82,17 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     exception with --debug on, it re-raises that exception instead (its traceback is wanted)."""
     if CliState.debug and sys.exc_info()[1] is not None:
         raise  # noqa: PLE0704  (the exception being handled by the caller)
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    report_error(message)
     return typer.Exit(code)
+
+
+def report_error(message: object) -> None:
+    """The one `error:` line: whitespace in the message collapsed, never wrapped by Rich (a
+    terminal may fold it visually; a pipe or log gets one line). Markup in it is not interpreted."""
+    from rich.markup import escape
+
+    text = " ".join(str(message).split()) or type(message).__name__
+    err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def quiet_transformers() -> None:

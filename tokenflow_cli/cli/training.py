@@ -3,19 +3,22 @@ command's kind), pick the run folder, train, leave the process group, and turn a
 one `error:` line with a documented exit code. Only rank 0 reports under torchrun.
 
 Exit codes: 1 for a user error (bad recipe or value, missing file or weights, unreadable data),
-3 when training stopped on a non-finite loss (its last good checkpoint is kept).
+3 when training stopped on a non-finite loss (its last good checkpoint is kept), 128 + the signal
+number (130 for Ctrl-C, 143 for SIGTERM) when a signal stopped it: the step's checkpoint is kept,
+nothing is published, and the same command resumes.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tokenflow_cli.cli.common import fail
-from tokenflow_cli.errors import EXIT_NON_FINITE_LOSS, EXIT_USER_ERROR, UserError
+from tokenflow_cli.errors import EXIT_NON_FINITE_LOSS, EXIT_USER_ERROR, UserError, exit_code_for_signal
 
 
 @dataclass
@@ -34,7 +37,8 @@ def run_training(
     train_fn: Callable[[Any, Path], Any],
     validate: Callable[[Any], None] | None = None,
 ) -> TrainingRun | None:
-    """Run `train_fn(recipe, run_dir)`; None on ranks other than 0."""
+    """Run `train_fn(recipe, run_dir)`; None on ranks other than 0. A run stopped by a signal
+    ends here with one `error:` line and exit code 128 + the signal (`_exit_if_interrupted`)."""
     from tokenflow_cli.config import ConfigError, load_recipe
     from tokenflow_cli.distributed import cleanup
     from tokenflow_cli.train.stage import NonFiniteLossError
@@ -56,4 +60,20 @@ def run_training(
         cleanup()
     if int(os.environ.get("RANK", "0")) != 0:
         return None
+    _exit_if_interrupted(result, run_dir)
     return TrainingRun(recipe, run_dir, result)
+
+
+def _exit_if_interrupted(result: Any, run_dir: Path) -> None:
+    """A run stopped by SIGINT/SIGTERM is not a finished run: say where its checkpoint is and
+    exit 128 + the signal, before the command could report (or publish) anything."""
+    from tokenflow_cli.train.stage import TrainResult
+
+    parts = result if isinstance(result, tuple) else (result,)  # finetune-llava: (TrainResult, model folder)
+    train_result = next((p for p in parts if isinstance(p, TrainResult)), None)
+    if train_result is None or train_result.stop_signal is None:
+        return
+    name = signal.Signals(train_result.stop_signal).name
+    kept = f"checkpoint {train_result.checkpoint}" if train_result.checkpoint else "no checkpoint yet"
+    raise fail(f"interrupted by {name} at step {train_result.step}; {kept} kept in {run_dir}, nothing published; "
+               "run the same command to resume", exit_code_for_signal(train_result.stop_signal))

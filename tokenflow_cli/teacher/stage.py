@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from tokenflow_cli.checkpoint import WEIGHTS_NAME
 from tokenflow_cli.data.captions import read_jsonl
 from tokenflow_cli.data.images import ImageDataset
 from tokenflow_cli.data.shapes import render_shapes_world
+from tokenflow_cli.errors import UserError
+from tokenflow_cli.fileio import atomic_write_bytes
 from tokenflow_cli.teacher.config import TeacherRecipe
 from tokenflow_cli.tokenizer.semantic_towers import register_tiny_open_clip
 from tokenflow_cli.train.loop import Stage, TrainData, TrainResult, train
+from tokenflow_cli.train.state import complete_checkpoints
 from tokenflow_cli.weights import resolve_open_clip_weights, tokenflow_home
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -163,14 +166,25 @@ class TeacherStage(Stage):
 
 
 def train_teacher(recipe: TeacherRecipe, run_dir: str | Path, *, device: str = "auto", resume: bool = True,
-                  publish: Path | None = None, live: bool | None = True) -> TrainResult:
-    """Train; with `publish`, copy the final weights there (the default teacher location)."""
-    result = train(TeacherStage(recipe), recipe.train, run_dir, recipe=recipe, device=device, resume=resume,
-                   live=live)
-    weights = Path(run_dir) / "model.safetensors"
-    if publish is not None and weights.is_file():
-        publish.parent.mkdir(parents=True, exist_ok=True)
-        tmp = publish.with_name(f".{publish.name}.tmp")
-        shutil.copyfile(weights, tmp)
-        tmp.replace(publish)
-    return result
+                  live: bool | None = True) -> TrainResult:
+    """Train (resuming RUN_DIR); publishes nothing (`publish_teacher` is the separate step)."""
+    return train(TeacherStage(recipe), recipe.train, run_dir, recipe=recipe, device=device, resume=resume,
+                 live=live)
+
+
+class UnfinishedRunError(UserError, ValueError):
+    """A run that has not reached its recipe's last step cannot be published as a default."""
+
+
+def publish_teacher(run_dir: str | Path, target: Path, steps: int) -> Path:
+    """Copy a FINISHED run's weights to `target` (the default teacher location), atomically. A run
+    whose newest checkpoint is short of `steps` (stopped by Ctrl-C, a time limit or a crash) is
+    refused, so a barely trained teacher never becomes the default every recipe picks up."""
+    found = complete_checkpoints(Path(run_dir))
+    done = found[-1][0] if found else 0
+    weights = Path(run_dir) / WEIGHTS_NAME
+    if done < steps or not weights.is_file():
+        raise UnfinishedRunError(f"{run_dir} has not finished ({done} of {steps} steps): nothing published; "
+                                 "finish it with the same command, then publish")
+    atomic_write_bytes(target, weights.read_bytes())
+    return target

@@ -78,7 +78,9 @@ class _Loop:
         fsdp.check_config(cfg)
         self.fsdp = self.info.enabled and cfg.distributed == "fsdp"  # else DDP under torchrun
         self.stop_requested = False  # agreed by all ranks at every step
-        self._signalled = False  # this process got SIGINT/SIGTERM
+        self._signalled = False  # this process got SIGINT/SIGTERM (or passed its deadline)
+        self._signum = 0  # the signal this process got (0: none, or the deadline)
+        self.stop_signal: int | None = None  # agreed by all ranks: the signal that stopped the run
         self.deadline: float | None = None  # perf_counter time after which the run stops early
         self._updating = False  # between the first optimizer step and the EMA update of a step
         self._old_handlers: dict[int, Any] = {}
@@ -207,13 +209,15 @@ class _Loop:
         except RuntimeError as err:
             if not self._stop_on_worker_death(err, batches, step):
                 raise
+            self.stop_signal = self.stop_signal or self._signum or None
             if step != saved_step and not self._updating:
                 latest = self._save(step)
         seconds = time.perf_counter() - started
         self._draw_curves()
         return TrainResult(self.run_dir, step, latest, history, last_eval,
                            images * self.info.world_size / max(seconds, 1e-9), seconds,
-                           stopped_early=step < cfg.steps, rank=self.info.rank)
+                           stopped_early=step < cfg.steps,
+                           stop_signal=self.stop_signal if step < cfg.steps else None, rank=self.info.rank)
 
     def _draw_curves(self) -> None:
         """RUN_DIR/curves.png from metrics.jsonl (rank 0); a drawing problem never fails a run."""
@@ -284,10 +288,11 @@ class _Loop:
 
     def _check_finite(self, step: int, values: dict[str, float]) -> None:
         flags = torch.tensor([float(not all(math.isfinite(v) for v in values.values())),
-                              float(self._signalled)], device=self._comm_device())
+                              float(self._signalled), float(self._signum)], device=self._comm_device())
         if self.info.enabled:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         self.stop_requested = bool(flags[1])
+        self.stop_signal = int(flags[2]) or None
         if flags[0]:
             latest = run_state.latest_checkpoint(self.run_dir)
             kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
@@ -373,9 +378,9 @@ class _Loop:
             return
 
         def request_stop(signum: int, frame: Any) -> None:
-            if self._signalled:
+            if self._signalled and self._signum:
                 raise KeyboardInterrupt
-            self._signalled = True
+            self._signalled, self._signum = True, signum
             if self.progress:
                 self.progress.message("stopping after this step (checkpointing); press Ctrl-C again to abort")
 

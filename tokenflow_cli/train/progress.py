@@ -109,6 +109,8 @@ class TrainProgress:
         self.log = MetricsLog(run_dir, resume_step)
         self.total = total_steps
         self.console = console or Console(stderr=True)
+        if not self.console.is_terminal:  # a log file or pipe: one line per row, never wrapped
+            self.console.soft_wrap = True
         self.quiet = live is False
         self.live = None
         if not self.quiet and self.console.is_terminal:

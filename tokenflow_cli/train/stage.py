@@ -156,5 +156,11 @@ class TrainResult:
     last_eval: dict[str, Any] = field(default_factory=dict)
     images_per_s: float = 0.0  # over the steps this process ran, all ranks together
     seconds: float = 0.0
-    stopped_early: bool = False  # stopped by Ctrl-C / SIGTERM (a checkpoint was written)
+    stopped_early: bool = False  # stopped by Ctrl-C / SIGTERM or the time limit (a checkpoint was written)
+    stop_signal: int | None = None  # the signal (SIGINT, SIGTERM) that stopped it; None for a time limit
+
+    @property
+    def finished(self) -> bool:
+        """Ran every step of the recipe (not stopped by a signal or a time limit)."""
+        return not self.stopped_early
     rank: int = 0  # under torchrun only rank 0 reports
