@@ -127,7 +127,8 @@ def iterate_batches(paths: list[Path], size: int, batch_size: int, workers: int,
 
     dataset = ImageDataset(paths, size, train=False, strict=strict)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip_bad, shuffle=False
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip_bad, shuffle=False,
+        pin_memory=torch.cuda.is_available(),  # page-locked batches: non-blocking copies to a GPU
     )
     for batch in loader:
         yield batch["image"], batch["path"], list(zip(batch["skipped"], batch["errors"]))
@@ -143,16 +144,34 @@ class EncodedBatch:
 def encode_batches(tok: TokenFlowTokenizer, batches: Iterable[list[SourceItem]], strict: bool,
                    pool: ThreadPoolExecutor | None, hit: torch.Tensor) -> Iterator[EncodedBatch]:
     """Decode and encode each batch of items; marks the codes used in `hit` (K,) bool. The one
-    encode loop of `tokenize_paths` and the sharded tokenize."""
+    encode loop of `tokenize_paths` and the sharded tokenize. One thread decodes batch n+1 (into
+    pinned memory for a GPU) while the device encodes batch n, so decoding does not starve it."""
     device = next(tok.parameters()).device
-    for items in batches:
+
+    def decode(items: list[SourceItem]):
         batch = decode_batch(items, tok.image_size, strict, pool)
-        indices = np.zeros((0, tok.num_tokens), np.int32)
-        if batch.images is not None:
-            idx = tok.img_to_codes(batch.images.to(device)).indices
-            hit[idx.reshape(-1)] = True
-            indices = idx.cpu().numpy().astype(np.int32)
-        yield EncodedBatch(indices, batch.keys, batch.failures)
+        if device.type == "cuda" and batch.images is not None:
+            batch.images = batch.images.pin_memory()  # lets the copy below run without blocking
+        return batch
+
+    batches = iter(batches)
+    with ThreadPoolExecutor(1) as ahead:
+        items = next(batches, None)
+        pending = ahead.submit(decode, items) if items is not None else None
+        while pending is not None:
+            batch = pending.result()
+            items = next(batches, None)  # the source is read on this thread only
+            pending = ahead.submit(decode, items) if items is not None else None
+            yield _encoded(tok, batch, device, hit)
+
+
+def _encoded(tok: TokenFlowTokenizer, batch, device: torch.device, hit: torch.Tensor) -> EncodedBatch:
+    indices = np.zeros((0, tok.num_tokens), np.int32)
+    if batch.images is not None:
+        idx = tok.img_to_codes(batch.images.to(device, non_blocking=True)).indices
+        hit[idx.reshape(-1)] = True
+        indices = idx.cpu().numpy().astype(np.int32)
+    return EncodedBatch(indices, batch.keys, batch.failures)
 
 
 def codes_meta(resolved: ResolvedModel, failures: list[tuple[str, str]]) -> dict:
