@@ -1,8 +1,9 @@
 """`tokenflow convert`: a released official model -> ours. A `.pt` is a TokenFlow tokenizer
 (-> our .safetensors); a Hugging Face folder is dispatched on its config.json `model_type`:
 the text-to-image model (`llava_llama`, generation/convert.py) or the understanding model
-(understanding/convert.py); both take the image tokenizer with `--tokenizer` and write a run
-folder."""
+(understanding/convert.py), both written as a run folder. The t2i model takes its image
+tokenizer with `--tokenizer`; the LLaVA model carries the copy its folder embeds (`--tokenizer`
+is then compared with it, or replaces it with `--override-tokenizer`)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ VariantOpt = Annotated[
 ]
 RecipeOpt = Annotated[
     str | None,
-    typer.Option("--recipe", help="Recipe whose model section describes the file (custom official models)."),
+    typer.Option("--recipe", help="Recipe whose model section describes the tokenizer (custom official models; "
+                 "for a LLaVA folder, its embedded copy). Sizes the file states must agree with it."),
 ]
 DtypeOpt = Annotated[
     str | None,
@@ -30,7 +32,13 @@ DtypeOpt = Annotated[
 TokenizerOpt = Annotated[
     Path | None,
     typer.Option("--tokenizer", help="Image tokenizer for a hub folder: ours (.safetensors / run folder) or the "
-                 "official .pt (converted into the run folder)."),
+                 "official .pt (converted into the run folder). A LLaVA folder runs the copy it embeds: this one is "
+                 "compared with it (and replaces it with --override-tokenizer)."),
+]
+OverrideOpt = Annotated[
+    bool,
+    typer.Option("--override-tokenizer", help="LLaVA folder: use --tokenizer instead of the embedded copy "
+                 "(the release runs the copy; answers will differ)."),
 ]
 
 
@@ -42,12 +50,13 @@ def convert_cmd(
     variant: VariantOpt = None,
     recipe: RecipeOpt = None,
     dtype: DtypeOpt = None,
+    override_tokenizer: OverrideOpt = False,
 ) -> None:
     """Import an official model: read without running pickled code, map every key, check every
     shape, write ours with the matching config."""
     start = time.perf_counter()
     if source.is_dir():
-        lines = _convert_folder(source, output, tokenizer, dtype)
+        lines = _convert_folder(source, output, tokenizer, dtype, recipe, override_tokenizer)
     else:
         lines = _convert_tokenizer(source, output, variant, recipe, dtype or "float32")
     for line in lines:
@@ -55,23 +64,31 @@ def convert_cmd(
     console.print(f"done in {time.perf_counter() - start:.1f} s")
 
 
-def _convert_folder(source: Path, output: Path, tokenizer: Path | None, dtype: str | None) -> list[str]:
+def _convert_folder(source: Path, output: Path, tokenizer: Path | None, dtype: str | None, recipe: str | None,
+                    override: bool) -> list[str]:
     from rich.markup import escape
 
     from tokenflow_cli.cli.common import quiet_transformers
+    from tokenflow_cli.config import ConfigError, load_recipe
     from tokenflow_cli.generation.convert import convert_t2i, is_t2i_folder
+    from tokenflow_cli.tokenizer.config import TokenizerRecipe
     from tokenflow_cli.tokenizer.convert import ConversionError
     from tokenflow_cli.understanding.convert import convert_llava, is_llava_folder
 
-    if tokenizer is None:
-        raise fail(f"{source} is a model folder: give its image tokenizer with --tokenizer")
+    if override and tokenizer is None:
+        raise fail("--override-tokenizer needs --tokenizer")
     quiet_transformers()
     try:
         if is_t2i_folder(source):
+            if tokenizer is None:
+                raise fail(f"{source} is a text-to-image folder: give its image tokenizer with --tokenizer")
             return [escape(line) for line in convert_t2i(source, tokenizer, output, dtype).summary_lines()]
         if is_llava_folder(source):
-            return [escape(line) for line in convert_llava(source, tokenizer, output, dtype).summary_lines()]
-    except (ConversionError, ValueError, OSError) as err:
+            config = load_recipe(recipe, TokenizerRecipe).model if recipe else None
+            report = convert_llava(source, tokenizer, output, dtype, tokenizer_config=config,
+                                   override_tokenizer=override)
+            return [escape(line) for line in report.summary_lines()]
+    except (ConversionError, ConfigError, ValueError, OSError) as err:
         raise fail(str(err)) from None
     raise fail(f"{source}: config.json names neither the t2i model (llava_llama) nor a LLaVA model")
 

@@ -38,11 +38,15 @@ def vqa_cmd(
     limit: Annotated[int, typer.Option("--limit", help="First N questions (0 = all).")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Questions per batch.")] = 32,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer.")] = 16,
+    repetition_penalty: Annotated[float | None, typer.Option(
+        "--repetition-penalty", min=1e-6,
+        help="Override the model folder's generation_config.json value.")] = None,
     device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="LLM: auto (the model's) | fp32 | bf16 | fp16.")] = "auto",
 ) -> None:
-    """Exact match after normalisation, per question type, plus MME-style yes/no acc and acc+."""
-    from tokenflow_cli.cli.understanding_cmd import load_for_inference, precision_name
+    """Exact match after normalisation, per question type, plus MME-style yes/no acc and acc+
+    (greedy, with the model folder's repetition penalty, as the release's lmms-eval runs)."""
+    from tokenflow_cli.cli.understanding_cmd import load_for_inference, precision_name, use_decoding
     from tokenflow_cli.fileio import atomic_write_text
     from tokenflow_cli.understanding.vqa import answer_questions, is_yes_no, load_vqa_items, score_vqa
 
@@ -55,6 +59,8 @@ def vqa_cmd(
     if not items:
         raise fail(f"{data}: no questions{' with yes/no answers' if yes_no else ''}")
     loaded = load_for_inference(model, tokenizer, device, precision_name(dtype))
+    use_decoding(loaded, repetition_penalty)
+    console.print(f"decoding: {loaded.model.decoding.describe()}, max_new_tokens {max_new_tokens}", highlight=False)
     with count_progress(len(items), "vqa") as update:
         predictions = answer_questions(
             loaded.model, loaded.features, items, batch_size, max_new_tokens, progress=update
@@ -66,6 +72,8 @@ def vqa_cmd(
         data=str(data),
         features=loaded.model.config.features,
         dtype=loaded.dtype,
+        max_new_tokens=max_new_tokens,
+        **loaded.model.decoding.describe(),
         warnings=loaded.warnings,
     )
     output.mkdir(parents=True, exist_ok=True)

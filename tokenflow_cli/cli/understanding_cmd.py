@@ -47,6 +47,11 @@ def precision_name(value: str | None) -> str | None:
     return value
 
 
+RepetitionPenaltyOpt = Annotated[
+    float | None,
+    typer.Option("--repetition-penalty", min=1e-6,
+                 help="Override the model folder's generation_config.json value (the release's evaluation uses it).")
+]
 LlmDtypeOpt = Annotated[
     str,
     typer.Option(
@@ -71,6 +76,11 @@ def load_for_inference(model: str | None, tokenizer: str | None, device: str, dt
     return loaded
 
 
+def use_decoding(loaded, repetition_penalty: float | None) -> None:
+    """The folder's decoding settings (generation_config.json), with the options given."""
+    loaded.model.decoding = loaded.model.decoding.override(repetition_penalty=repetition_penalty)
+
+
 def inference_settings(loaded, **sampling) -> dict:
     """Which model, precision and settings an answer came from (printed and put in JSON)."""
     model = loaded.model
@@ -84,6 +94,7 @@ def inference_settings(loaded, **sampling) -> dict:
         "visual_tokens": model.num_visual_tokens,
         "template": model.config.chat_template,
         **sampling,
+        **model.decoding.describe(),
     }
 
 
@@ -102,6 +113,7 @@ def ask_cmd(
     tokenizer: TokenizerOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer in tokens.")] = 128,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy; > 0 samples.")] = 0.0,
+    repetition_penalty: RepetitionPenaltyOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -118,6 +130,7 @@ def ask_cmd(
     except ImageLoadError as err:
         raise fail(str(err)) from None
     loaded = load_for_inference(model, tokenizer, device, dtype)
+    use_decoding(loaded, repetition_penalty)
     sampling = {"temperature": temperature, "max_new_tokens": max_new_tokens}
     settings = inference_settings(loaded, **sampling, **({"seed": seed} if temperature > 0 else {}))
     err_console.print(settings_line(settings), highlight=False, soft_wrap=True)  # stdout: the answer only

@@ -62,6 +62,14 @@ NOT_CARRIED_PREFIXES = {
     "model.vision_tower.": "the image tokenizer comes from its own checkpoint",
 }
 NOT_CARRIED_SUFFIXES = {"rotary_emb.inv_freq": "RoPE frequencies are recomputed"}
+# The id buffers: the official trainer registers them on the causal-LM module itself
+# (`llava_arch.py:414-415`), so a saved folder holds them at top level (the 7B key table);
+# the prefixed names are accepted too, should a copy have them.
+ID_BUFFERS = {
+    "image_token_start": ("image_token_start", "model.image_token_start"),
+    "image_token_end": ("image_token_end", "model.image_token_end"),
+}
+BUFFER_NAMES = {name: kind for kind, names in ID_BUFFERS.items() for name in names}
 
 
 @dataclass
@@ -134,14 +142,18 @@ def _ids(folder: HubFolder, tok, codebook_size: int) -> dict[str, object]:
     pad = tok.convert_tokens_to_ids(PAD_TOKEN)
     start = tok.convert_tokens_to_ids(FIRST_IMAGE_TOKEN)
     start = None if start in (None, tok.unk_token_id) else int(start)
-    buffer = read_tensor(folder, "model.image_token_start") if start is None else None
+    buffer = _read_buffer(folder, "image_token_start") if start is None else None
     if start is None and buffer is None:
         raise ConversionError(f"{folder.root}: neither the tokenizer ({FIRST_IMAGE_TOKEN}) nor the weights "
-                              "(model.image_token_start) give the first image id")
+                              f"({' / '.join(ID_BUFFERS['image_token_start'])}) give the first image id")
     start = int(buffer) if start is None else start
     marker = tok(IMAGE_MARKER, add_special_tokens=False)["input_ids"]
     if not marker or max(marker) >= start:
         raise ConversionError(f"{IMAGE_MARKER!r} tokenizes to {marker}, not text ids below {start}")
+    stated = int(folder.config.get("vq_codebook_size") or 0)  # the official trainer records K here
+    if stated > 0 and stated != codebook_size:
+        raise ConversionError(f"config.json vq_codebook_size {stated} but the image tokenizer has K {codebook_size}: "
+                              "give the image tokenizer this model was trained with")
     vocab = int(folder.config.get("vocab_size", 0))
     if vocab and vocab != start + codebook_size:
         raise ConversionError(f"config vocab_size {vocab} != image_token_start {start} + K {codebook_size} "
@@ -149,6 +161,15 @@ def _ids(folder: HubFolder, tok, codebook_size: int) -> dict[str, object]:
     return {"pad": int(pad), "image_token_start": start, "image_marker": [int(i) for i in marker],
             "image_marker_pieces": tok.convert_ids_to_tokens(marker), "bos": tok.bos_token_id,
             "vocab_size": start + codebook_size}
+
+
+def _read_buffer(folder: HubFolder, kind: str) -> torch.Tensor | None:
+    """An id buffer under the first of its names the folder holds."""
+    for name in ID_BUFFERS[kind]:
+        value = read_tensor(folder, name)
+        if value is not None:
+            return value
+    return None
 
 
 def _sentencepiece_note(folder: HubFolder, marker: list[int]) -> list[str]:
@@ -214,7 +235,7 @@ class _Mapper:
             return [("scale_embed", torch.cat([t[:1], t[2 : self.N + 1]]))]
         if name == "model.pos_1LC":
             return [("pos_embed", t.reshape(-1, t.shape[-1]))]
-        if name in ("model.image_token_start", "model.image_token_end"):
+        if name in BUFFER_NAMES:
             return "an id (checked against the tokenizer)"
         for prefix, reason in NOT_CARRIED_PREFIXES.items():
             if name.startswith(prefix):
@@ -239,11 +260,13 @@ class _Mapper:
 
 
 def _check_ids(name: str, t: torch.Tensor, ids: dict) -> None:
-    if name == "model.image_token_start" and int(t) != ids["image_token_start"]:
-        raise ConversionError(f"model.image_token_start is {int(t)} but the tokenizer puts "
+    kind = BUFFER_NAMES.get(name)
+    if kind == "image_token_start" and int(t) != ids["image_token_start"]:
+        raise ConversionError(f"{name} is {int(t)} but the tokenizer puts "
                               f"{FIRST_IMAGE_TOKEN} at {ids['image_token_start']}")
-    if name == "model.image_token_end" and int(t) != ids["vocab_size"] - 1:
-        raise ConversionError(f"model.image_token_end is {int(t)}, expected {ids['vocab_size'] - 1}")
+    if kind == "image_token_end" and int(t) != ids["vocab_size"] - 1:
+        raise ConversionError(f"{name} is {int(t)}, expected {ids['vocab_size'] - 1} "
+                              "(image_token_start + K - 1)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -242,6 +242,41 @@ def parity_problems(cfg: ModelConfig) -> list[str]:
     return problems
 
 
+# The sizes an official state dict states itself: config field -> (key, dim) of the tensor that
+# holds it. The recipe supplies only what the file cannot say (depths, widths, scales).
+SIZES_FROM_FILE: dict[str, tuple[str, int]] = {
+    "codebook_size": ("quantize.embedding_vqkd.weight", 0),
+    "semantic_dim": ("quantize.embedding_vqkd.weight", 1),
+    "pixel_dim": ("quantize.embedding_vqgan.weight", 1),
+}
+
+
+def file_sizes(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """The quantizer sizes the file states (K, d_sem, d_pix), from its codebook shapes."""
+    sizes = {name: int(sd[key].shape[dim]) for name, (key, dim) in SIZES_FROM_FILE.items() if key in sd}
+    if "quantize.embedding_vqgan.weight" in sd and "codebook_size" in sizes:
+        rows = int(sd["quantize.embedding_vqgan.weight"].shape[0])
+        if rows != sizes["codebook_size"]:
+            raise ConversionError(f"the two codebooks have {sizes['codebook_size']} and {rows} rows: "
+                                  "TokenFlow's codebooks share one index and must be the same size")
+    return sizes
+
+
+def apply_file_sizes(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], explicit: bool) -> tuple[ModelConfig, list[str]]:
+    """`cfg` with the sizes the file states. A built-in variant's recipe (`explicit` False) takes
+    them, with a note for each it changes; a recipe the user gave must agree, else an error that
+    names both values."""
+    sizes = file_sizes(sd)
+    differ = {k: (getattr(cfg.quantizer, k), v) for k, v in sizes.items() if getattr(cfg.quantizer, k) != v}
+    if differ and explicit:
+        raise ConversionError("the recipe and the file disagree: " + "; ".join(
+            f"model.quantizer.{k}={ours} in the recipe, {theirs} in the file ({SIZES_FROM_FILE[k][0]})"
+            for k, (ours, theirs) in differ.items()))
+    notes = [f"model.quantizer.{k} = {theirs} from the file ({SIZES_FROM_FILE[k][0]}; the variant's recipe "
+             f"says {ours})" for k, (ours, theirs) in differ.items()]
+    return dataclasses.replace(cfg, quantizer=dataclasses.replace(cfg.quantizer, **sizes)), notes
+
+
 def official_to_ours(key: str) -> str | None:
     """Our state-dict key for an official one, or None when no rename rule applies."""
     for official, ours in KEY_RENAMES:
@@ -349,28 +384,47 @@ def convert_checkpoint(
     """Read an official `.pt`, convert, and write our `.safetensors` (atomically).
 
     `config` replaces the variant's recipe (e.g. a reduced or custom-trained official model);
-    the variant is then only a label ("custom" when not given).
+    the variant is then only a label ("custom" when not given). The sizes the file states
+    (codebook size K, semantic and pixel code dims) always come from the file: a variant's
+    recipe takes them, a given `config` must agree with them.
     """
 
     official, entry, others, steps = load_official(source)
-    official, stripped = strip_module_prefix(official)
+    report = convert_official_state(official, output, str(source), variant, config, dtype, entry)
+    report.source, report.other_entries, report.steps = str(source), others, steps
+    return report
+
+
+def convert_official_state(
+    official: Mapping[str, torch.Tensor],
+    output: str | Path,
+    source: str,
+    variant: str | None = None,
+    config: ModelConfig | None = None,
+    dtype: str = "float32",
+    entry: str = "bare state dict",
+) -> ConversionReport:
+    """Convert an official tokenizer state dict already in memory (e.g. the copy a LLaVA folder
+    embeds) and write our `.safetensors`; `source` names where it came from, `entry` which part
+    of it the state dict was."""
+    official, stripped = strip_module_prefix(dict(official))
     if variant is not None:
         reason = "given"
     elif config is not None:
         variant, reason = "custom", "architecture from the given recipe"
     else:
         variant, reason = guess_variant(official)
-    cfg = config if config is not None else variant_config(variant)
     try:
+        cfg, size_notes = apply_file_sizes(config or variant_config(variant), official, explicit=config is not None)
         ours, notes = convert_state_dict(official, cfg, dtype)
     except ConversionError as err:
         raise ConversionError(f"{source} as variant {variant} ({reason}): {err}") from None
     extra = {"converted_from": Path(source).name, "official_entry": entry, "official_variant": variant}
     save_weights(ours, Path(output), to_dict(cfg), kind="tokenizer", extra=extra)
     return ConversionReport(
-        source=str(source),
+        source=source,
         entry=entry,
-        other_entries=others,
+        other_entries=[],
         variant=variant,
         variant_reason=reason,
         dtype=dtype,
@@ -379,7 +433,6 @@ def convert_checkpoint(
         parameters=sum(v.numel() for v in ours.values() if v.is_floating_point()),
         not_carried={k: NOT_CARRIED[k] for k in official if k in NOT_CARRIED},
         fresh={k: FRESH[k] for k in ours if k in FRESH},
-        notes=notes,
+        notes=size_notes + notes,
         stripped_module_prefix=stripped,
-        steps=steps,
     )

@@ -1,13 +1,18 @@
 """The released official LLaVA folder -> our understanding model folder, streamed shard by shard.
 
-    convert_llava(src_dir, tokenizer_checkpoint, out_dir, dtype=None) -> LlavaConversionReport
+    convert_llava(src_dir, tokenizer_checkpoint, out_dir, dtype=None, *, tokenizer_config=None,
+                  override_tokenizer=False) -> LlavaConversionReport
     is_llava_folder(path) -> bool          # config.json names an official LLaVA model_type
 
 `src_dir` is the hub folder as downloaded (`ByteFlow-AI/Tokenflow-llava-qwen2.5-14B-finetuning`:
-config.json, `model-*.safetensors` + index or `pytorch_model-*.bin` + index, tokenizer files);
-`tokenizer_checkpoint` our converted image tokenizer (a `.safetensors` file or run folder, from
-`tokenflow convert tokenflow_siglip_32k.pt`); `dtype` None keeps the stored dtype (bf16 for the
-release), else "fp32" | "bf16" | "fp16" (or "float32" | "bfloat16" | "float16").
+config.json, `model-*.safetensors` + index or `pytorch_model-*.bin` + index, tokenizer files).
+The image tokenizer is the copy the folder embeds (`model.vision_tower.vision_tower.*`), the one
+the official loader runs, written in its stored dtype (`embedded_tokenizer.py`);
+`tokenizer_config` describes its architecture when it is not a release variant.
+`tokenizer_checkpoint` (optional: an official `.pt`, or ours) is compared with that copy and the
+difference reported; `override_tokenizer` uses it instead (a warning in the report). A folder
+without a copy needs it. `dtype` None keeps the LM's stored dtype (bf16 for the release), else
+"fp32" | "bf16" | "fp16" (or "float32" | "bfloat16" | "float16").
 `report.summary_lines()` is what `tokenflow convert` prints.
 
 Every key is mapped (`official.classify_key`) or listed as not carried, every shape is checked
@@ -27,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer
 
 from tokenflow_cli import __version__
@@ -36,9 +41,16 @@ from tokenflow_cli.config import to_dict
 from tokenflow_cli.data.text_tokenizer import add_special_tokens
 from tokenflow_cli.device import dtype_of
 from tokenflow_cli.fileio import file_sha256, replace_folder
-from tokenflow_cli.hub import HubFolder, iter_shards, open_hub_folder, read_tensor
+from tokenflow_cli.hub import HubFolder, iter_shards, open_hub_folder
+from tokenflow_cli.tokenizer.config import ModelConfig
 from tokenflow_cli.tokenizer.convert import ConversionError, convert_checkpoint
 from tokenflow_cli.understanding.config import LlavaModelConfig
+from tokenflow_cli.understanding.embedded_tokenizer import (
+    compare_tokenizers,
+    require_same_tokenizer,
+    stored_dtype,
+    write_embedded,
+)
 from tokenflow_cli.understanding.model import FORMAT, LLAVA_JSON, PROJECTOR_NAME
 from tokenflow_cli.understanding.official import (
     OFFICIAL_LLM_TYPES,
@@ -46,19 +58,17 @@ from tokenflow_cli.understanding.official import (
     QWEN_TEMPLATE,
     TOWER_COPY_PREFIX,
     ConversionPlan,
+    embedded_code_dim,
     lm_config_dict,
     plan_conversion,
 )
 
-IMAGE_TOKENIZER_NAME = "image_tokenizer.safetensors"  # an official .pt given, converted into the folder
+IMAGE_TOKENIZER_NAME = "image_tokenizer.safetensors"  # the tokenizer the model runs, inside the folder
+GIVEN_TOKENIZER_NAME = "given_tokenizer.safetensors"  # an official .pt given, converted (kept when it overrides)
+GENERATION_CONFIG = "generation_config.json"  # the release's generation defaults, copied as they are
 OFFICIAL_TOKENIZER_SUFFIXES = (".pt", ".pth", ".ckpt")
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")  # the qwen_2_5 template needs both
-# the folder's tokenizer copy -> our tokenizer's codebooks, compared to catch a wrong tokenizer
-CODEBOOK_PAIRS = {
-    TOWER_COPY_PREFIX + "quantize.embedding_vqkd.weight": "quantizer.semantic_codebook.weight",
-    TOWER_COPY_PREFIX + "quantize.embedding_vqgan.weight": "quantizer.pixel_codebook.weight",
-}
 
 
 @dataclass
@@ -79,6 +89,7 @@ class LlavaConversionReport:
     ids: dict[str, int] = field(default_factory=dict)  # token ids read from the files
     llava_config: dict[str, Any] = field(default_factory=dict)  # the official mm_* fields
     notes: list[str] = field(default_factory=list)
+    image_tokenizer: str = ""  # where the features come from
 
     def summary_lines(self) -> list[str]:
         lines = [
@@ -86,6 +97,7 @@ class LlavaConversionReport:
             f"LM {self.llm_type}: {self.lm_keys} keys, projector: {self.projector_keys} keys, "
             f"{self.parameters:,} elements as {self.dtype} in {self.shards_written} shards",
             f"visual tokens: {self.visual_tokens}; template {QWEN_TEMPLATE}",
+            f"image tokenizer: {self.image_tokenizer}",
         ]
         lines += [f"  not carried: {prefix}* ({n} keys): {why}" for prefix, (n, why) in self.not_carried.items()]
         lines.append("  ids: " + ", ".join(f"{name} {tid}" for name, tid in self.ids.items()))
@@ -107,11 +119,16 @@ def is_llava_folder(path: str | Path) -> bool:
 
 
 def convert_llava(
-    src_dir: str | Path, tokenizer_checkpoint: str | Path, out_dir: str | Path, dtype: str | None = None
+    src_dir: str | Path,
+    tokenizer_checkpoint: str | Path | None,
+    out_dir: str | Path,
+    dtype: str | None = None,
+    *,
+    tokenizer_config: ModelConfig | None = None,
+    override_tokenizer: bool = False,
 ) -> LlavaConversionReport:
     """See the module docstring. Raises ConversionError (one message listing every problem) or
-    HubFolderError (an unreadable file, named); writes nothing then. An official tokenizer
-    `.pt` is converted into the folder (`image_tokenizer.safetensors`) first."""
+    HubFolderError (an unreadable file, named); writes nothing then."""
     folder = open_hub_folder(src_dir)
     model_type = folder.config.get("model_type", "")
     if model_type not in OFFICIAL_LLM_TYPES:
@@ -125,7 +142,7 @@ def convert_llava(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        report = _convert_into(folder, tokenizer_checkpoint, tmp, out_dtype)
+        report = _convert_into(folder, tokenizer_checkpoint, tmp, out_dtype, tokenizer_config, override_tokenizer)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -135,15 +152,29 @@ def convert_llava(
 
 
 def _convert_into(
-    folder: HubFolder, tokenizer_checkpoint: str | Path, tmp: Path, out_dtype: torch.dtype | None
+    folder: HubFolder,
+    tokenizer_checkpoint: str | Path | None,
+    tmp: Path,
+    out_dtype: torch.dtype | None,
+    tokenizer_config: ModelConfig | None,
+    override: bool,
 ) -> LlavaConversionReport:
     lm_config, llava_fields = lm_config_dict(folder.config)
-    tokenizer_path, tokenizer_source = _image_tokenizer(tokenizer_checkpoint, tmp)
-    code_dim, grid = _tokenizer_geometry(tokenizer_path)
+    given = _given_tokenizer(tokenizer_checkpoint, tmp) if tokenizer_checkpoint else None
+    code_dim = embedded_code_dim(folder)
+    if code_dim is None and given is None:
+        raise ConversionError(f"{folder.root} holds no copy of its image tokenizer ({TOWER_COPY_PREFIX}*): "
+                              "give the tokenizer it was trained with (--tokenizer tokenflow_siglip_32k.pt)")
+    code_dim = code_dim if code_dim is not None else _tokenizer_geometry(given[0])[0]
     plan = plan_conversion(folder, lm_config, llava_fields, code_dim)
-    notes = [_compare_codebooks(folder, tokenizer_path)]
-    written, params, projector = _copy_lm(folder, plan, tmp, out_dtype)
+    written, params, projector, tower = _copy_lm(folder, plan, tmp, out_dtype)
+    tokenizer_path, tokenizer_source, origin, notes = _choose_tokenizer(plan, tower, given, tmp, tokenizer_config,
+                                                                       override)
+    del tower
+    code_dim, grid = _tokenizer_geometry(tokenizer_path)
     ids = _text_tokenizer(folder, tmp, lm_config)
+    if (folder.root / GENERATION_CONFIG).is_file():
+        shutil.copyfile(folder.root / GENERATION_CONFIG, tmp / GENERATION_CONFIG)
     dtype = out_dtype or _stored_dtype(plan)
     config = _llava_config(tokenizer_source, projector, lm_config, dtype, llava_fields)
     info = {
@@ -154,6 +185,7 @@ def _convert_into(
         "image_token_id": ids["<image>"],
         "tokenizer_source": tokenizer_source,  # relative: inside this folder
         "tokenizer_sha256": file_sha256(tokenizer_path),
+        "tokenizer_origin": origin,
         "converted_from": str(folder.root),
         "official_config": llava_fields,
         "tool_version": __version__,
@@ -183,7 +215,8 @@ def _convert_into(
         not_carried=plan.not_carried,
         ids=ids,
         llava_config=llava_fields,
-        notes=[n for n in notes if n],
+        notes=notes,
+        image_tokenizer=origin,
     )
 
 
@@ -201,18 +234,51 @@ def _stored_dtype(plan: ConversionPlan) -> torch.dtype:
     return getattr(torch, floating[0]) if len(floating) == 1 else torch.float32
 
 
-def _image_tokenizer(checkpoint: str | Path, out: Path) -> tuple[Path, str]:
-    """(weights file, how llava.json names it) of our image tokenizer; an official `.pt` is
-    converted into `out` first (then named relative to the folder)."""
+def _given_tokenizer(checkpoint: str | Path, out: Path) -> tuple[Path, str]:
+    """(weights file, its name) of the tokenizer given; an official `.pt` is converted into
+    `out` first (its sizes from the file)."""
     path = Path(checkpoint)
     if path.suffix in OFFICIAL_TOKENIZER_SUFFIXES:
-        convert_checkpoint(path, out / IMAGE_TOKENIZER_NAME)
-        return out / IMAGE_TOKENIZER_NAME, IMAGE_TOKENIZER_NAME
+        convert_checkpoint(path, out / GIVEN_TOKENIZER_NAME)
+        return out / GIVEN_TOKENIZER_NAME, path.name
     try:
         path = resolve_weights_path(path).resolve()
     except FileNotFoundError as err:
         raise ConversionError(f"image tokenizer: {err} (or give the official tokenflow_siglip_32k.pt)") from None
     return path, str(path)
+
+
+def _choose_tokenizer(
+    plan: ConversionPlan,
+    tower: dict[str, torch.Tensor],
+    given: tuple[Path, str] | None,
+    out: Path,
+    config: ModelConfig | None,
+    override: bool,
+) -> tuple[Path, str, str, list[str]]:
+    """(weights file, how llava.json names it, where it came from, notes): the embedded copy,
+    measured against the tokenizer given; the given one when the folder has no copy or when
+    `override` says so."""
+    if not tower:
+        assert given is not None
+        source = GIVEN_TOKENIZER_NAME if given[0].parent == out else str(given[0])
+        return given[0], source, f"given: {given[1]} (the folder holds no copy)", []
+    dtype = stored_dtype(plan.tokenizer_dtypes)
+    report = write_embedded(tower, out / IMAGE_TOKENIZER_NAME, dtype, config)
+    origin = f"the embedded copy ({len(tower)} keys, {report.variant}, {dtype})"
+    notes = [f"embedded tokenizer: {note}" for note in report.notes]
+    if given is None:
+        return out / IMAGE_TOKENIZER_NAME, IMAGE_TOKENIZER_NAME, origin, notes
+    difference = compare_tokenizers(out / IMAGE_TOKENIZER_NAME, given[0])
+    notes.append(f"embedded copy vs {given[1]}: {difference.line()}")
+    if not override:
+        require_same_tokenizer(difference, given[0])
+        if given[0].parent == out:
+            given[0].unlink()
+        return out / IMAGE_TOKENIZER_NAME, IMAGE_TOKENIZER_NAME, origin, notes
+    notes.append(f"WARNING: features come from {given[1]}, not the embedded copy the official loader runs")
+    source = GIVEN_TOKENIZER_NAME if given[0].parent == out else str(given[0])
+    return given[0], source, f"given: {given[1]} (overrides {origin})", notes
 
 
 def _tokenizer_geometry(path: Path) -> tuple[int, int]:
@@ -224,46 +290,26 @@ def _tokenizer_geometry(path: Path) -> tuple[int, int]:
     return int(quantizer["semantic_dim"]) + int(quantizer["pixel_dim"]), int(quantizer["scales"][-1])
 
 
-def _compare_codebooks(folder: HubFolder, tokenizer_path: Path) -> str:
-    """Check that the folder's frozen tokenizer copy has the codebooks of the tokenizer given."""
-    worst = 0.0
-    with safe_open(str(tokenizer_path), framework="pt") as ours_fh:
-        for their_key, our_key in CODEBOOK_PAIRS.items():
-            theirs = read_tensor(folder, their_key)
-            if theirs is None:
-                return "the folder holds no copy of the image tokenizer's codebooks to check the given one against"
-            ours = ours_fh.get_tensor(our_key).float()
-            if ours.shape != theirs.shape:
-                raise ConversionError(
-                    f"{tokenizer_path}: codebook {list(ours.shape)} but the LLaVA folder's tokenizer copy has "
-                    f"{their_key} {list(theirs.shape)}: give the image tokenizer this model was trained with"
-                )
-            # relative to each entry: the copy may be stored in bf16 (2^-9 relative rounding)
-            relative = (ours - theirs.float()).abs() / (ours.abs() + 1e-3)
-            worst = max(worst, float(relative.max()))
-    if worst > 1e-2:
-        raise ConversionError(
-            f"{tokenizer_path}: its codebooks differ from the LLaVA folder's tokenizer copy by up to {worst:.3g} "
-            "(relative): give the image tokenizer this model was trained with"
-        )
-    return f"image tokenizer codebooks match the folder's copy (max relative difference {worst:.2g})"
-
-
 def _copy_lm(
     folder: HubFolder, plan: ConversionPlan, out: Path, dtype: torch.dtype | None
-) -> tuple[int, int, dict[str, torch.Tensor]]:
+) -> tuple[int, int, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Write the LM shard by shard (transformers' sharded layout); returns (shards written,
-    elements written, the projector state)."""
+    elements written, the projector state, the embedded tokenizer under its own names, in its
+    stored dtype)."""
     lm_shards = [
         s for s in folder.shards if folder.weight_map is None or any(folder.weight_map[k] == s.name for k in plan.lm)
     ]
     total = len(lm_shards)
     weight_map: dict[str, str] = {}
     projector: dict[str, torch.Tensor] = {}
+    tower: dict[str, torch.Tensor] = {}
     size = params = written = 0
     for _, tensors in iter_shards(folder):
         part: dict[str, torch.Tensor] = {}
         for key, tensor in tensors:
+            if key in plan.tokenizer:
+                tower[plan.tokenizer[key]] = tensor.clone()
+                continue
             target = plan.lm.get(key)
             if target is None and key not in plan.projector:
                 continue
@@ -283,7 +329,7 @@ def _copy_lm(
         del part
     index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return written, params + sum(t.numel() for t in projector.values()), projector
+    return written, params + sum(t.numel() for t in projector.values()), projector, tower
 
 
 def _text_tokenizer(folder: HubFolder, out: Path, lm_config: dict) -> dict[str, int]:

@@ -31,6 +31,7 @@ from tokenflow_cli.config import from_dict, to_dict
 from tokenflow_cli.fileio import replace_folder
 from tokenflow_cli.understanding.config import LlavaModelConfig
 from tokenflow_cli.understanding.conversation import ConversationFormatter
+from tokenflow_cli.understanding.decoding import DecodingSettings, apply_repetition_penalty
 
 PROJECTOR_NAME = "projector.safetensors"
 LLAVA_JSON = "llava.json"
@@ -74,6 +75,7 @@ class LlavaModel(nn.Module):
             text_tokenizer, config.chat_template, config.system_prompt, config.image_token
         )
         self.image_token_id: int = self.formatter.image_token_id
+        self.decoding = DecodingSettings()  # from_pretrained: the folder's generation_config.json
         self._cache_kw = _cache_kw(lm)
 
     # -- training forward --------------------------------------------------------------------
@@ -132,8 +134,11 @@ class LlavaModel(nn.Module):
         """Yields the next token of every sample, step by step, using the KV cache.
 
         Prompts are left-padded; positions count only real tokens, so a padded prompt gives the
-        same answer as the unpadded one. temperature 0 = greedy. Finished samples yield pad."""
-        stops = torch.tensor(self.formatter.stop_token_ids, device=input_ids_BT.device)
+        same answer as the unpadded one. temperature 0 = greedy. Finished samples yield pad.
+        `self.decoding` adds its repetition penalty (over the generated ids) and stop ids."""
+        stop_ids = sorted({*self.formatter.stop_token_ids, *self.decoding.eos_token_ids})
+        stops = torch.tensor(stop_ids, device=input_ids_BT.device)
+        generated_BT = input_ids_BT.new_empty((input_ids_BT.shape[0], 0))
         pad_id = self.text_tokenizer.pad_token_id
         mask_BT = attention_mask_BT.long()
         pos_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
@@ -146,8 +151,11 @@ class LlavaModel(nn.Module):
         )
         done_B = torch.zeros(input_ids_BT.shape[0], dtype=torch.bool, device=input_ids_BT.device)
         for step in range(max_new_tokens):
-            next_B = sample_next(out.logits[:, -1].float(), temperature, generator)
+            logits_BV = apply_repetition_penalty(out.logits[:, -1].float(), generated_BT,
+                                                 self.decoding.repetition_penalty)
+            next_B = sample_next(logits_BV, temperature, generator)
             next_B = next_B.masked_fill(done_B, pad_id)
+            generated_BT = torch.cat([generated_BT, next_B[:, None]], dim=1)
             yield next_B
             done_B |= torch.isin(next_B, stops)
             if bool(done_B.all()) or step == max_new_tokens - 1:
@@ -222,7 +230,7 @@ class LlavaModel(nn.Module):
             yield final[len(shown) :]
 
     def _until_stop(self, ids: list[int]) -> list[int]:
-        stops = set(self.formatter.stop_token_ids)
+        stops = {*self.formatter.stop_token_ids, *self.decoding.eos_token_ids}
         for i, tid in enumerate(ids):
             if tid in stops:
                 return ids[:i]
@@ -326,6 +334,7 @@ class LlavaModel(nn.Module):
             model.projector.load_state_dict(load_state(model_dir / PROJECTOR_NAME)[0])
         else:
             model.load_state_dict(load_state(weights)[0], strict=True)
+        model.decoding = DecodingSettings.from_folder(model_dir)
         return model
 
 

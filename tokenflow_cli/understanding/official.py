@@ -7,12 +7,14 @@ the folder is a `Qwen2ForCausalLM` state dict (`model.embed_tokens`, `model.laye
 q/k/v biases, `model.norm`, `lm_head`) plus the projector `model.mm_projector.{0,2}.*`
 (mlp2x_gelu: Linear(40, D), GELU, Linear(D, D)) plus a frozen copy of the image tokenizer under
 `model.vision_tower.vision_tower.*`; config.json is a Qwen2 config with `model_type: llava_qwen`
-and the `mm_*` fields.
+and the `mm_*` fields. That copy is the image tokenizer the release runs: the official loader
+builds the tower from the `.pt` and then `from_pretrained` overwrites it with the copy in the
+shards (stored in bf16 by the trainer), so the converter carries it as the model's tokenizer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,7 +56,7 @@ LLAVA_CONFIG_KEYS = {
 
 @dataclass(frozen=True)
 class KeyTarget:
-    part: str  # "lm" | "projector" | "not_carried"
+    part: str  # "lm" | "projector" | "tokenizer" (the embedded copy, official tokenizer names) | "not_carried"
     key: str  # our key inside that part ("" when not carried)
     reason: str = ""  # why it is not carried
 
@@ -65,14 +67,10 @@ def classify_key(key: str, lm_keys: set[str]) -> KeyTarget | None:
         return KeyTarget("lm", key)  # the LM keeps transformers' own names
     if key.startswith(PROJECTOR_PREFIX):
         return KeyTarget("projector", key[len(PROJECTOR_PREFIX) :])
+    if key.startswith(TOWER_COPY_PREFIX):
+        return KeyTarget("tokenizer", key[len(TOWER_COPY_PREFIX) :])
     if key.startswith(VISION_TOWER_PREFIX):
-        return KeyTarget(
-            "not_carried",
-            "",
-            "the frozen image tokenizer's copy: features come from the converted tokenizer "
-            "checkpoint you give (tokenflow convert tokenflow_siglip_32k.pt); its codebooks are "
-            "compared with that checkpoint's",
-        )
+        return KeyTarget("not_carried", "", "vision-tower state outside the tokenizer copy; not used by features")
     if key == IMAGE_NEWLINE:
         return KeyTarget("not_carried", "", "used only by mm_patch_merge_type 'unpad' (anyres); this model is flat")
     return None
@@ -110,6 +108,8 @@ class ConversionPlan:
     projector: dict[str, str]  # official key -> projector key
     not_carried: dict[str, tuple[int, str]]
     stored_dtypes: set[str]
+    tokenizer: dict[str, str] = field(default_factory=dict)  # official key -> the embedded tokenizer's own key
+    tokenizer_dtypes: set[str] = field(default_factory=set)  # how the embedded copy is stored
 
 
 def _expected_lm(lm_config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -123,8 +123,18 @@ def _expected_lm(lm_config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def embedded_code_dim(folder: HubFolder) -> int | None:
+    """d_sem + d_pix of the embedded tokenizer copy, from its codebook shapes (None: no copy)."""
+    infos = tensor_shapes(folder)
+    halves = [infos.get(TOWER_COPY_PREFIX + f"quantize.embedding_{name}.weight") for name in ("vqkd", "vqgan")]
+    if any(h is None or len(h.shape) != 2 for h in halves):
+        return None
+    return sum(int(h.shape[1]) for h in halves)
+
+
 def plan_conversion(folder: HubFolder, lm_config: dict, llava_fields: dict, code_dim: int) -> ConversionPlan:
-    """Map every key and check every shape from the headers; raise listing every problem."""
+    """Map every key and check every shape from the headers; raise listing every problem
+    (the embedded tokenizer's shapes are checked when it is converted)."""
     problems = check_llava_fields(llava_fields)
     infos = tensor_shapes(folder)
     expected = _expected_lm(lm_config)
@@ -144,9 +154,12 @@ def plan_conversion(folder: HubFolder, lm_config: dict, llava_fields: dict, code
             problems.append(f"{key} {list(info.shape)} ({info.shard}): no rule maps it")
             continue
         if target.part == "not_carried":
-            prefix = TOWER_COPY_PREFIX if key.startswith(TOWER_COPY_PREFIX) else key
-            count = plan.not_carried.get(prefix, (0, ""))[0]
-            plan.not_carried[prefix] = (count + 1, target.reason)
+            count = plan.not_carried.get(key, (0, ""))[0]
+            plan.not_carried[key] = (count + 1, target.reason)
+            continue
+        if target.part == "tokenizer":
+            plan.tokenizer[key] = target.key
+            plan.tokenizer_dtypes.add(info.dtype)
             continue
         shapes = expected if target.part == "lm" else projector_shapes
         want = shapes.get(target.key, tuple(info.shape) if target.key == "lm_head.weight" else None)
