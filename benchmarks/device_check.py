@@ -75,7 +75,7 @@ def smoke_stages() -> list[Stage]:
     small = ["--ceiling-size", "256"]
     return [
         Stage("pytest-gpu", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/gpu",
-                             "--junitxml={tmp}/junit.xml", "--co"], 60, "junit.xml"),
+                             "--junitxml={tmp}/junit.xml"], 60, "junit.xml"),
         Stage("inference-tiny", [py, "benchmarks/inference.py", "--layouts", "tiny", "--batch-sizes", "2",
                                  "--repeats", "1", "--modes", "fp32,bf16", *small, "--json", "{tmp}/out.json"],
               60, "out.json"),
@@ -89,25 +89,25 @@ def smoke_stages() -> list[Stage]:
     ]
 
 
+PROBE = """import json, platform, importlib.metadata as md, torch
+info = {"torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+for name in ("open_clip_torch", "lpips", "torch-fidelity", "transformers", "webdataset", "datasets", "ftfy"):
+    try:
+        info["pkg_" + name] = md.version(name)
+    except md.PackageNotFoundError:
+        info["pkg_" + name] = "missing"
+print(json.dumps(info))"""
+
+
 def environment(smoke: bool) -> dict:
     info = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
             "mode": "cpu-smoke" if smoke else "gpu", "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    probe = ("import json, torch; print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, "
-             "'cuda_available': torch.cuda.is_available(), 'gpu': torch.cuda.get_device_name(0) "
-             "if torch.cuda.is_available() else None}))")
     try:
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, cwd=ROOT)
         info.update(json.loads(out.stdout.strip().splitlines()[-1]))
     except (subprocess.SubprocessError, ValueError, IndexError) as err:
         info["probe_error"] = repr(err)
-    for module in ("open_clip", "lpips", "torch_fidelity", "transformers", "webdataset", "datasets"):
-        try:
-            found = subprocess.run([sys.executable, "-c", f"import {module}; print({module}.__version__)"],
-                                   capture_output=True, text=True, timeout=60, cwd=ROOT)
-            info[f"pkg_{module}"] = found.stdout.strip() or ("missing: " + found.stderr.strip().splitlines()[-1]
-                                                             if found.stderr.strip() else "missing")
-        except subprocess.SubprocessError as err:
-            info[f"pkg_{module}"] = repr(err)
     return info
 
 
