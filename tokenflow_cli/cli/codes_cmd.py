@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from tokenflow_cli.cli.common import console, fail
+from tokenflow_cli.cli.common import claim_output, console, fail
 
 codes_app = typer.Typer(
     name="codes",
@@ -54,15 +54,15 @@ def merge_cmd(
 ) -> None:
     """Join codes made by one tokenizer into one file (refused across tokenizers or scales)."""
     from tokenflow_cli.errors import UserError
-    from tokenflow_cli.fileio import check_writable
     from tokenflow_cli.tokenizer.codes import list_codes_files, merge_codes
 
+    claim = claim_output(output, "file", "codes merge")
     try:
-        check_writable(output)
         files = [f for spec in inputs for f in list_codes_files(spec)]
         if any(f.resolve() == output.resolve() for f in files):
             raise fail(f"output {output} is one of the inputs; write the merge elsewhere")
         merged = merge_codes(files, output)
     except (UserError, FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None
+    claim.commit()
     console.print(f"wrote [bold]{output}[/]: {len(merged)} images from {len(files)} file(s)")

@@ -33,6 +33,7 @@ class CliState:
     """Set by the global options before a command runs."""
 
     debug: bool = False  # --debug or TOKENFLOW_DEBUG=1: show the traceback of a user error too
+    context: typer.Context | None = None  # the invocation's root context (closed however the command ends)
 
 
 def debug_from_env() -> bool:
@@ -41,10 +42,12 @@ def debug_from_env() -> bool:
 
 @app.callback()
 def _global_options(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False,
 ) -> None:
     """TokenFlow unified image tokenizer toolkit: train, tokenize, reconstruct, generate, understand, evaluate."""
     CliState.debug = debug or debug_from_env()  # set afresh for every invocation
+    CliState.context = ctx
     fit_consoles_to_output()
 
 ModelOpt = Annotated[
@@ -77,6 +80,20 @@ def positive(value: float | None) -> float | None:
     return value
 
 
+def in_range(low: float, high: float, zero_means_default: bool = False):
+    """Option callback: a number in [low, high] (or 0 when `zero_means_default`: "the model's"),
+    checked when the command line is parsed, before anything loads; a usage error names the
+    option and the range."""
+
+    def check(value: float | None) -> float | None:
+        if value is None or (zero_means_default and value == 0) or low <= value <= high:
+            return value
+        zero = " (or 0 for the default)" if zero_means_default else ""
+        raise typer.BadParameter(f"{value:g} is not in {low:g}..{high:g}{zero}")
+
+    return check
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print a one-line error in red and return the exit to raise. Called while handling an
     exception with --debug on, it re-raises that exception instead (its traceback is wanted)."""
@@ -93,6 +110,26 @@ def report_error(message: object) -> None:
 
     text = " ".join(str(message).split()) or type(message).__name__
     err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+OverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace an output folder that holds files this command did not write.")]
+
+
+def claim_output(path: Path, kind: str, command: str, overwrite: bool = False):
+    """`fileio.OutputClaim` for a command (call it before loading a model or reading inputs): a
+    refused output is one `error:` line; the claim is released when the command ends, however it
+    ends (an error, Ctrl-C), so nothing it made is left behind. Commit it once the work is done."""
+    from tokenflow_cli.errors import UserError
+    from tokenflow_cli.fileio import OutputClaim
+
+    try:
+        claim = OutputClaim(path, kind, command, overwrite)
+    except UserError as err:
+        raise fail(str(err)) from None
+    if CliState.context is not None:
+        CliState.context.call_on_close(claim.release)
+    return claim
 
 
 def quiet_transformers() -> None:

@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tokenflow_cli.cli.common import SeedOpt, console, fail
+from tokenflow_cli.cli.common import OverwriteOpt, SeedOpt, claim_output, console, fail
 
 data_app = typer.Typer(
     name="data",
@@ -52,24 +52,22 @@ def shapes_cmd(
     seed: SeedOpt = 0,
     size: SizeOpt = 64,
     llava: Annotated[bool, typer.Option("--llava/--no-llava", help="Also write llava.json conversations.")] = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Render the synthetic shapes world: images, captions, VQA pairs and GenEval metadata."""
     from tokenflow_cli.data.shapes import render_shapes_world
 
+    claim = claim_output(output, "folder", "data shapes", overwrite)
     with _progress_bar("shapes", num_images) as advance:
-        summary = render_shapes_world(output, num_images, seed=seed, size=size, llava=llava, progress=advance)
+        summary = render_shapes_world(claim.tmp, num_images, seed=seed, size=size, llava=llava, progress=advance)
+    claim.commit()
     rows = [
         ("images", f"{summary.n_images} x {size}px in {output / 'images'}"),
         ("GenEval tags", _counts(summary.tags)),
         ("VQA pairs", f"{summary.n_vqa} ({_counts(summary.vqa_types)})"),
-        ("files", ", ".join(str(p) for p in summary.files)),
+        ("files", ", ".join(str(output / p.relative_to(claim.tmp)) for p in summary.files)),
     ]
     console.print(_summary_table(f"shapes world, seed {seed}", rows))
-    if summary.stale_images:
-        console.print(
-            f"[yellow]note:[/] {summary.stale_images} older images in {output / 'images'} "
-            "are not named by the new lists"
-        )
 
 
 @data_app.command("natural")
@@ -80,21 +78,24 @@ def natural_cmd(
     size: SizeOpt = 64,
     split: Annotated[str, typer.Option("--split", help="train | val (disjoint source photos).")] = "train",
     seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Cut random crops from the photos scikit-image ships (offline natural images)."""
     from tokenflow_cli.data.natural import SPLITS, natural_crops
 
     if split not in SPLITS:
         raise fail(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    claim = claim_output(output, "folder", "data natural", overwrite)
     with _progress_bar(f"natural ({split})", num_images) as advance:
         try:
-            summary = natural_crops(output, num_images, size=size, seed=seed, split=split, progress=advance)
+            summary = natural_crops(claim.tmp, num_images, size=size, seed=seed, split=split, progress=advance)
         except RuntimeError as err:
             raise fail(str(err)) from err
+    claim.commit()
     rows = [
         ("images", f"{summary.n_images} x {size}px in {output / 'images'}"),
         ("photos used", _counts(summary.photos_used)),
         ("photos missing", ", ".join(summary.photos_missing) or "none"),
-        ("files", ", ".join(str(p) for p in summary.files)),
+        ("files", ", ".join(str(output / p.relative_to(claim.tmp)) for p in summary.files)),
     ]
     console.print(_summary_table(f"natural crops, split {split}, seed {seed}", rows))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenflow_cli.cli.common import fail
+from tokenflow_cli.cli.common import claim_output, fail
 from tokenflow_cli.errors import EXIT_NON_FINITE_LOSS, EXIT_USER_ERROR, UserError, exit_code_for_signal
 
 
@@ -50,6 +50,7 @@ def run_training(
     except ConfigError as err:
         raise fail(str(err), EXIT_USER_ERROR) from None
     run_dir = output or Path("runs") / default_run_name(recipe)
+    claim = claim_output(run_dir, "run", "train")  # one writer per run folder; checked before any model loads
     try:
         result = train_fn(recipe, run_dir)
     except NonFiniteLossError as err:
@@ -58,6 +59,7 @@ def run_training(
         raise fail(str(err), EXIT_USER_ERROR) from None
     finally:
         cleanup()
+    claim.commit()
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     _exit_if_interrupted(result, run_dir)

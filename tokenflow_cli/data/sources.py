@@ -65,8 +65,8 @@ class FileSource(ImageSource):
         self.description, self.paths, self.count = spec, paths, len(paths)
 
     def items(self, start: int = 0) -> Iterator[SourceItem]:
-        for path in self.paths[start:]:
-            yield SourceItem(str(path), str(path))
+        for path in self.paths[start:]:  # keyed by the absolute path: codes stay usable from any folder
+            yield SourceItem(str(Path(path).absolute()), str(path))
 
 
 class TarSource(ImageSource):

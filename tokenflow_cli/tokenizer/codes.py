@@ -1,7 +1,8 @@
 """The codes file: multi-scale indices of many images in one `.npz` (format below).
 
 Arrays: `indices` int32 (N, L) with L = sum(s*s), row-major per scale, scales concatenated
-coarse to fine; `scales` int32; `paths` unicode; `meta` a JSON string (codebook size,
+coarse to fine; `scales` int32; `paths` unicode (absolute image paths, or `shard.tar#key` /
+`dataset#row` for other sources); `meta` a JSON string (codebook size,
 resolution, tokenizer id/hash, tool version). Loadable with `allow_pickle=False`.
 Large runs shard as `codes-00000-of-00008.npz`; `merge_codes` joins shards.
 """
@@ -18,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from tokenflow_cli import __version__
 from tokenflow_cli.errors import UserError
 from tokenflow_cli.fileio import atomic_path
 from tokenflow_cli.tokenizer.scales import ScaleLayout
+from tokenflow_cli import __version__
 
 SHARD_RE = re.compile(r"-(\d{5})-of-(\d{5})\.npz$")
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest zip date: member timestamps carry no information
@@ -32,8 +33,9 @@ MANIFEST_NAME = "manifest.json"  # a sharded codes folder (`tokenize --shard-siz
 class CodesFile:
     indices: np.ndarray  # (N, L) int32
     scales: tuple[int, ...]
-    paths: np.ndarray  # (N,) unicode
+    paths: np.ndarray  # (N,) unicode: absolute image paths (older files: relative, see `image_paths`)
     meta: dict[str, Any]
+    origin: Path | None = None  # the file it was read from
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -54,6 +56,19 @@ class CodesFile:
     def scale_views(self) -> list[np.ndarray]:
         return [self.per_scale(k) for k in range(len(self.scales))]
 
+    def image_paths(self) -> list[Path]:
+        """The recorded image of each row as a path to open: absolute as written; a relative one
+        (files from before paths were absolute) is taken from the codes file's folder when it is
+        there, else from the working directory."""
+        base = self.origin.parent if self.origin is not None else None
+        out = []
+        for raw in self.paths:
+            path = Path(str(raw))
+            if not path.is_absolute() and base is not None and (base / path).exists():
+                path = base / path
+            out.append(path)
+        return out
+
 
 def shard_name(path: Path, rank: int, world: int) -> Path:
     path = Path(path)
@@ -68,13 +83,9 @@ def write_codes(
     meta: dict[str, Any] | None = None,
 ) -> None:
     """Write atomically. `indices` may be a memmap: numpy streams it into the zip in chunks."""
-    layout = ScaleLayout(tuple(scales))
-    scales = layout.scales
-    if indices.ndim != 2 or indices.shape[1] != layout.num_tokens:
-        raise ValueError(f"indices shape {indices.shape} does not match scales {scales} (L={layout.num_tokens})")
-    if len(paths) != indices.shape[0]:
-        raise ValueError(f"{len(paths)} paths for {indices.shape[0]} rows")
+    scales = ScaleLayout(tuple(scales)).scales
     meta = {"tool": "tokenflow-cli", "tool_version": __version__, **(meta or {})}
+    check_codes(CodesFile(indices, scales, np.asarray([str(p) for p in paths]), meta), path)
     if indices.dtype != np.int32:
         indices = indices.astype(np.int32)
     arrays = {
@@ -115,15 +126,71 @@ def _open_npz(path: Path):
         raise UnreadableCodesError(f"{path} is not a readable codes file (truncated or not .npz?): {err}") from None
 
 
-def read_codes(path: Path, mmap: bool = False) -> CodesFile:
+class InvalidCodesError(UnreadableCodesError):
+    """A codes file whose arrays break the format: not integer indices, a shape that does not fit
+    its scales, an index outside the codebook, or a `paths` list of another length."""
+
+
+def check_codes(codes: CodesFile, path: str | Path, codebook_size: int | None = None) -> None:
+    """The one validation of a codes file, run by every reader (`read_codes`) and writer: integer
+    `indices` of shape (N, L) with L from the scale schedule, a 1-D `paths` of length N, and every
+    index in [0, K), K = `codebook_size` (the decoding tokenizer's) or the file's own
+    `meta["codebook_size"]`. Raises `InvalidCodesError` naming the file and the first culprit."""
+    scales = np.asarray(codes.scales)
+    try:
+        if scales.ndim != 1 or scales.dtype.kind not in "iu":
+            raise ValueError("need a 1-D list of integer sides")
+        layout = ScaleLayout(tuple(int(s) for s in scales))
+    except ValueError as err:
+        raise InvalidCodesError(f"{path}: scales {scales.tolist()} are not a scale schedule ({err})") from None
+    idx = codes.indices
+    if idx.dtype.kind not in "iu":
+        raise InvalidCodesError(f"{path}: indices are {idx.dtype}; a codes file holds integer indices (int32)")
+    if idx.ndim != 2 or idx.shape[1] != layout.num_tokens:
+        raise InvalidCodesError(f"{path}: indices have shape {tuple(idx.shape)}; scales {layout.scales} need "
+                                f"(N, {layout.num_tokens})")
+    paths = np.asarray(codes.paths)
+    if paths.ndim != 1 or len(paths) != idx.shape[0]:
+        raise InvalidCodesError(f"{path}: {paths.size} paths for {idx.shape[0]} rows of indices; each row needs "
+                                "its image path")
+    meta_k = codes.meta.get("codebook_size") if isinstance(codes.meta, dict) else None
+    check_index_range(idx, layout, codebook_size or meta_k, path, paths)
+
+
+def check_index_range(idx_NL: np.ndarray, layout: ScaleLayout, codebook_size: int | None, path: str | Path,
+                      paths: np.ndarray | None = None) -> None:
+    """Every index in [0, K) (only >= 0 when K is unknown); the error names the first one outside:
+    its row (and image), scale and position."""
+    if idx_NL.size == 0:
+        return
+    low, high = int(idx_NL.min()), int(idx_NL.max())
+    if low >= 0 and (codebook_size is None or high < int(codebook_size)):
+        return
+    bad = (idx_NL < 0) | (idx_NL >= codebook_size) if codebook_size is not None else idx_NL < 0
+    row, col = (int(x[0]) for x in np.nonzero(bad))
+    k = next(k for k in range(len(layout)) if col < layout.offsets[k + 1])
+    image = f" ({paths[row]})" if paths is not None and row < len(paths) else ""
+    allowed = f"[0, {codebook_size})" if codebook_size is not None else "[0, K)"
+    raise InvalidCodesError(f"{path}: index {int(idx_NL[row, col])} at row {row}{image}, scale "
+                            f"{layout.scales[k]}x{layout.scales[k]} position {col - layout.offsets[k]} is outside "
+                            f"the codebook {allowed}")
+
+
+def read_codes(path: Path, codebook_size: int | None = None) -> CodesFile:
+    """Read and validate (`check_codes`) a codes file; `codebook_size` is the K of the tokenizer
+    that will decode it (default: the file's own)."""
     with _open_npz(path) as data:
         missing = {"indices", "scales", "paths", "meta"} - set(data.files)
         if missing:
             raise UnreadableCodesError(f"{path} is not a codes file: missing {sorted(missing)}")
-        scales = tuple(int(s) for s in data["scales"])
-        codes = CodesFile(data["indices"], scales, data["paths"], json.loads(str(data["meta"])))
-    if codes.indices.shape[1] != ScaleLayout(scales).num_tokens:
-        raise UnreadableCodesError(f"{path}: indices width {codes.indices.shape[1]} does not match scales {scales}")
+        try:
+            meta = json.loads(str(data["meta"]))
+        except json.JSONDecodeError as err:
+            raise InvalidCodesError(f"{path}: meta is not JSON ({err})") from None
+        codes = CodesFile(data["indices"], tuple(np.asarray(data["scales"]).reshape(-1).tolist()), data["paths"],
+                          meta if isinstance(meta, dict) else {}, Path(path))
+    check_codes(codes, path, codebook_size)
+    codes.scales = tuple(int(s) for s in codes.scales)
     return codes
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenflow_cli.eval.visual import usage_histogram
+from tokenflow_cli.tokenizer.codes import check_index_range
 from tokenflow_cli.tokenizer.quantizer import MultiScaleDualQuantizer, nearest_code
 from tokenflow_cli.tokenizer.scales import ScaleLayout
 from tokenflow_cli.tokenizer.usage import perplexity
@@ -35,11 +36,9 @@ def count_codes(idx_BL: torch.Tensor | np.ndarray, scales: tuple[int, ...], code
     layout = ScaleLayout(tuple(scales))
     layout.check_width(idx.shape[1])
     out = np.zeros((len(scales), codebook_size), dtype=np.int64)
-    for si, s in enumerate(layout.scales):
-        part = idx[:, layout.span(si)].reshape(-1)
-        if part.numel() and (part.min() < 0 or part.max() >= codebook_size):
-            raise ValueError(f"scale {s}: indices outside [0, {codebook_size})")
-        out[si] = torch.bincount(part, minlength=codebook_size).numpy()
+    check_index_range(idx.numpy(), layout, codebook_size, "indices")  # the codes files' own check
+    for si in range(len(layout)):
+        out[si] = torch.bincount(idx[:, layout.span(si)].reshape(-1), minlength=codebook_size).numpy()
     return out
 
 
