@@ -187,7 +187,7 @@ def run_generation(a: argparse.Namespace) -> dict:
 
 def _load_generator(a: argparse.Namespace):
     from tokenflow_cli.device import resolve_device
-    from tokenflow_cli.generation.pipeline import resolve_generator
+    from tokenflow_cli.generation.text_to_image import resolve_generator
 
     return resolve_generator(str(a.generator), resolve_device(a.device))
 
@@ -197,8 +197,8 @@ def _geneval(loaded, schedule: str, mode: str, a: argparse.Namespace, folder: Pa
 
     from tokenflow_cli.generation.geneval import run_geneval
     from tokenflow_cli.generation.multistep import MULTI_STEP
-    from tokenflow_cli.generation.pipeline import GenerationSettings
     from tokenflow_cli.generation.sampling import get_schedule
+    from tokenflow_cli.generation.text_to_image import GenerationSettings
 
     loaded.model.multi_step = MULTI_STEP[mode]
     settings = GenerationSettings(get_schedule(schedule), cfg=a.cfg, seed=0, samples_per_prompt=a.samples)

@@ -22,8 +22,8 @@ from tokenflow_cli.data.images import load_image, resize_center_crop, to_tensor_
 from tokenflow_cli.data.shapes import render_shapes_world
 from tokenflow_cli.generation.model import RefineBlock
 from tokenflow_cli.generation.next_scale import running_map
-from tokenflow_cli.generation.pipeline import resolve_generator
 from tokenflow_cli.generation.sampling import get_schedule, sample_codes
+from tokenflow_cli.generation.text_to_image import resolve_generator
 
 
 def _held_out(loaded, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:

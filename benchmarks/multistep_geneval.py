@@ -16,8 +16,8 @@ import torch
 
 from tokenflow_cli.generation.geneval import run_geneval
 from tokenflow_cli.generation.multistep import MULTI_STEP
-from tokenflow_cli.generation.pipeline import GenerationSettings, resolve_generator
 from tokenflow_cli.generation.sampling import get_schedule
+from tokenflow_cli.generation.text_to_image import GenerationSettings, resolve_generator
 
 RUNS = [("one-pass", "refine"), ("two-pass", "refine"), ("two-pass", "inplace"), ("three-pass", "refine"),
         ("three-pass", "inplace")]

@@ -31,7 +31,7 @@ from official_reference import random_images
 from PIL import Image
 
 from tokenflow_cli.tokenizer.inference import InferenceOptions, inference_context, prepare_for_inference
-from tokenflow_cli.tokenizer.pipeline import ResolvedModel, tokenize_paths
+from tokenflow_cli.tokenizer.tokenize import tokenize_paths
 
 
 def write_jpegs(folder: Path, n: int, size: int) -> list[Path]:
@@ -84,11 +84,10 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             tok = prepare_for_inference(copy.deepcopy(base), InferenceOptions(dtype=dtype))
             net_s = network_only(tok, decoded, args.batch_size, device)
-            resolved = ResolvedModel(tok, f"{args.layout} (random init)", True)
-            tokenize_paths(resolved, paths[: args.batch_size], Path(tmp) / "warm.npz", args.batch_size, args.workers)
+            tokenize_paths(tok, paths[: args.batch_size], Path(tmp) / "warm.npz", args.batch_size, args.workers)
             sync(device)
             start = time.perf_counter()
-            result = tokenize_paths(resolved, paths, Path(tmp) / f"codes-{dtype}.npz", args.batch_size, args.workers)
+            result = tokenize_paths(tok, paths, Path(tmp) / f"codes-{dtype}.npz", args.batch_size, args.workers)
             sync(device)
             files_s = time.perf_counter() - start
             assert result.n_images == len(paths), result.failures[:3]
@@ -105,7 +104,7 @@ def main() -> None:
             print(f"{args.layout} {dtype}: files->codes {files_rate:.1f} img/s, network only {net_rate:.1f} img/s "
                   f"({100 * r['files_share_of_network']:.0f}%), {r['network_tflops']:.2f} TFLOP/s network "
                   f"({100 * r['share_of_ceiling']:.1f}% of the {dtype} ceiling)", flush=True)
-            del tok, resolved
+            del tok
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"torch": torch.__version__, "device": device_name(device),
                                      "cpus": os.cpu_count(), "machine": platform.machine(),

@@ -74,10 +74,10 @@ def test_shipped_generator_predicts_held_out_codes_and_draws_the_prompt(world):
     import torch.nn.functional as F
 
     from tokenflow_cli.data.shapes_detect import detect_shapes
-    from tokenflow_cli.generation.pipeline import GenerationSettings, generate_images, load_generator
     from tokenflow_cli.generation.sampling import get_schedule
+    from tokenflow_cli.generation.text_to_image import GenerationSettings, TextToImage, generate_images
 
-    loaded = load_generator(GENERATOR, "cpu")
+    loaded = TextToImage.from_pretrained(GENERATOR, device="cpu")
     assert not loaded.random_init
     captions = [json.loads(line)["caption"] for line in (world / "captions.jsonl").read_text().splitlines()][:16]
     with torch.no_grad():
@@ -102,11 +102,11 @@ def test_shipped_generator_predicts_held_out_codes_and_draws_the_prompt(world):
 
 @pytest.mark.skipif(not (LLAVA / "llava.json").is_file(), reason="no shipped understanding model")
 def test_shipped_understanding_model_answers_far_better_than_random_init(world):
-    from tokenflow_cli.understanding.pipeline import load_understanding
+    from tokenflow_cli.understanding.pipeline import Understanding
     from tokenflow_cli.understanding.vqa import answer_questions, load_vqa_items, score_vqa
 
     items = [it for it in load_vqa_items(world / "vqa.jsonl", world) if it.type in ("color", "shape", "count")][:60]
-    understanding = load_understanding(LLAVA, torch.device("cpu"))
+    understanding = Understanding.from_pretrained(LLAVA, device=torch.device("cpu"))
     assert not understanding.warnings, understanding.warnings
 
     def accuracy(model) -> float:

@@ -1,7 +1,9 @@
 """Package layout, read from the source with `ast` (nothing is imported): the top level holds the
 core modules and the capability packages, imports follow the layering, there is no import cycle
 (module-level and function-level imports both count) and, outside cli/, no lazy imports of our
-own modules. A failure lists every offending file, line and edge."""
+own modules. The package __init__ is the public front (README "Python API"): it sits on top of the
+capability packages, loads them lazily (PEP 562), and nothing but cli/ imports it. A failure
+lists every offending file, line and edge."""
 
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import pytest
 ROOT = "tokenflow_cli"
 PKG_DIR = Path(__file__).resolve().parents[1] / ROOT
 
-# the core modules, plus the package __init__
-CORE = {"config", "checkpoint", "fileio", "device", "distributed", "weights", "hub", "errors"}
+# the core modules
+CORE = {"config", "checkpoint", "fileio", "device", "distributed", "weights", "hub", "errors", "pretrained", "version"}
 PACKAGES = {"tokenizer", "generation", "understanding", "teacher", "train", "eval", "data", "cli"}
 DATA_FOLDERS = {"assets", "recipes"}  # no Python inside, allowed at the top level
 TOP_FILES = {"__init__.py", "__main__.py"} | {f"{name}.py" for name in CORE}
@@ -32,6 +34,7 @@ FORBIDDEN = {
     "understanding": {"generation", "teacher", "cli"},
     "teacher": {"generation", "understanding", "cli"},
     "cli": set(),
+    "public": {"cli"},  # the package __init__: the public classes, over every capability
     "__main__": set(),  # the `python -m tokenflow_cli` entry point: it exists to start the CLI
 }
 
@@ -64,9 +67,12 @@ def modules() -> dict[str, Path]:
 
 
 def layer(module: str) -> str:
-    """'core' for the package __init__ and the core modules, else the first name below tokenflow_cli."""
+    """'public' for the package __init__, 'core' for the core modules, else the first name below
+    tokenflow_cli."""
     parts = module.split(".")
-    if len(parts) == 1 or (len(parts) == 2 and parts[1] in CORE):
+    if len(parts) == 1:
+        return "public"
+    if len(parts) == 2 and parts[1] in CORE:
         return "core"
     return parts[1]
 
@@ -292,7 +298,7 @@ def _forbidden(source_layer: str, target_layer: str) -> bool:
 
 
 @pytest.mark.parametrize("source_layer", ["core", "data", "train", "eval", "tokenizer", "generation",
-                                          "understanding", "teacher"])
+                                          "understanding", "teacher", "public"])
 def test_layering(source_layer):
     bad = [
         f"[{source_layer} -> {layer(imp.target)}] {imp}"
@@ -312,10 +318,19 @@ def test_nothing_outside_cli_imports_cli():
     assert not bad, report("imports of cli/ from outside it", bad)
 
 
+def test_nothing_but_cli_imports_the_public_front():
+    bad = [
+        str(imp)
+        for imp in sorted(all_imports(), key=lambda i: (i.source, i.line))
+        if layer(imp.target) == "public" and layer(imp.source) not in {"cli", "__main__"}
+    ]
+    assert not bad, report("imports of the package __init__ (the public front) from the library", bad)
+
+
 def test_no_lazy_imports_of_our_modules_outside_cli():
     bad = [
         str(imp)
         for imp in sorted(all_imports(), key=lambda i: (i.source, i.line))
-        if imp.lazy and layer(imp.source) != "cli"
+        if imp.lazy and layer(imp.source) not in {"cli", "public"}  # public: PEP 562 __getattr__
     ]
     assert not bad, report("function-level imports of tokenflow_cli modules outside cli/", bad)

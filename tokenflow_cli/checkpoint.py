@@ -16,10 +16,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from tokenflow_cli import __version__
 from tokenflow_cli.config import to_dict
 from tokenflow_cli.errors import UserError
 from tokenflow_cli.fileio import WRITE_FAULTS, atomic_path, write_failed
+from tokenflow_cli.version import __version__
 
 WEIGHTS_NAME = "model.safetensors"
 STATE_NAME = "train_state.pt"

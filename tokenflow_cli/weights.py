@@ -169,7 +169,7 @@ LPIPS_ALEX = register_weight_file(WeightFile(
 TINY_TEACHER = register_weight_file(WeightFile(
     "teacher-tiny", "tiny CLIP teacher (tokenflow-tiny-vit, trained on shapes)", "teacher-tiny.safetensors",
     "TOKENFLOW_TEACHER", "tokenflow",
-    "run `tokenflow train-teacher teacher-tiny` (about a minute on one GPU; on a CPU lower --steps)",
+    "run `tokenflow train-teacher teacher-tiny --publish` (about a minute on one GPU; on a CPU lower --steps)",
 ))
 
 
@@ -199,6 +199,8 @@ class DefaultModel:
     home_name: str  # run folder under TOKENFLOW_HOME
     asset: str = ""  # run folder or file under ASSETS_DIR; "" = none shipped
     markers: tuple[str, ...] = (WEIGHTS_NAME,)  # any of these in a folder makes it a model
+    builtins: tuple[tuple[str, str], ...] = ()  # (name, run folder or file under ASSETS_DIR) shipped models
+    how: str = ""  # how to get one, for the error when there is none
 
     def candidates(self) -> list[Path]:
         env = os.environ.get(self.env)
@@ -206,21 +208,38 @@ class DefaultModel:
         return ([Path(env)] if env else []) + [tokenflow_home() / self.home_name, *shipped]
 
     def find(self) -> Path | None:
-        """The first candidate that holds a model, or None."""
+        """The first candidate that holds a model, or None. A model named by $env that is not
+        there is an error naming it, never silently replaced by the next candidate."""
+        env = os.environ.get(self.env)
+        if env and not self.holds_model(Path(env)):
+            raise MissingWeightsError(f"${self.env} names {env}, which holds no {self.kind} model (a weights file "
+                                      f"or run folder); fix the path or unset {self.env}")
         return next((c for c in self.candidates() if self.holds_model(c)), None)
 
     def holds_model(self, path: Path) -> bool:
         """A weights file, or a folder holding one of the kind's markers."""
         return path.is_file() or any((path / name).exists() for name in self.markers)
 
+    def builtin(self, name: str) -> Path | None:
+        """The shipped model called `name` ("toy"), when it is there."""
+        found = [ASSETS_DIR / asset for key, asset in self.builtins if key == name]
+        return found[0] if found and self.holds_model(found[0]) else None
+
+    def builtin_names(self) -> list[str]:
+        return [key for key, _ in self.builtins]
+
 
 # the shipped defaults: the 32 px toy world (recipes shapes-toy, generator-toy, llava-toy), built by
 # scripts/build_defaults.sh and copied in by scripts/ship_defaults.py
-DEFAULT_TOKENIZER = DefaultModel("tokenizer", "TOKENFLOW_TOKENIZER", "tokenizer", "toy-tokenizer.safetensors")
-DEFAULT_GENERATOR = DefaultModel("generator", "TOKENFLOW_GENERATOR", "generator", "toy-generator")
+DEFAULT_TOKENIZER = DefaultModel("tokenizer", "TOKENFLOW_TOKENIZER", "tokenizer", "toy-tokenizer.safetensors",
+                                 builtins=(("toy", "toy-tokenizer.safetensors"),))
+DEFAULT_GENERATOR = DefaultModel("generator", "TOKENFLOW_GENERATOR", "generator", "toy-generator",
+                                 builtins=(("toy", "toy-generator"),))
 # an understanding model folder (llava.json), or a finetune run folder (final/, llava-base/)
 DEFAULT_LLAVA = DefaultModel("llava", "TOKENFLOW_LLAVA", "llava", "toy-llava",
-                             markers=("llava.json", "final", "llava-base"))
+                             markers=("llava.json", "final", "llava-base"), builtins=(("toy", "toy-llava"),),
+                             how="pass --model (a model or finetune run folder) or set TOKENFLOW_LLAVA; train one "
+                                 "with `tokenflow finetune-llava`")
 
 
 def torch_hub_checkpoints() -> Path:

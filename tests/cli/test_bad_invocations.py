@@ -21,7 +21,8 @@ from tokenflow_cli.data.shapes import render_shapes_world
 from tokenflow_cli.tokenizer.codes import CodesMismatchError
 from tokenflow_cli.tokenizer.config import TokenizerRecipe
 from tokenflow_cli.tokenizer.model import build_tokenizer
-from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, tokenize_paths
+from tokenflow_cli.tokenizer.resolve import resolve_tokenizer
+from tokenflow_cli.tokenizer.tokenize import tokenize_paths
 
 KEPT = b"an earlier result that must survive"
 

@@ -8,7 +8,7 @@ import pytest
 @pytest.mark.slow
 def test_demo_trains_evaluates_and_installs_the_default_tokenizer(tmp_path):
     from tokenflow_cli.cli import demo
-    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer
+    from tokenflow_cli.tokenizer.resolve import resolve_tokenizer
     from tokenflow_cli.weights import DEFAULT_TOKENIZER
 
     ctx = demo.DemoContext(tmp_path / "demo", minutes=0.2, n_shapes=40, n_natural=20, n_val=4)
@@ -44,7 +44,7 @@ def test_demo_installs_its_tokenizer_only_when_it_beats_the_default(tmp_path, mo
 
 def test_demo_keeps_the_default_generator_when_it_scores_as_well(tmp_path, monkeypatch):
     from tokenflow_cli.cli import demo
-    from tokenflow_cli.generation import geneval, pipeline
+    from tokenflow_cli.generation import geneval, text_to_image
     from tokenflow_cli.weights import DEFAULT_GENERATOR, tokenflow_home
 
     monkeypatch.setenv("TOKENFLOW_HOME", str(tmp_path / "home"))
@@ -56,7 +56,7 @@ def test_demo_keeps_the_default_generator_when_it_scores_as_well(tmp_path, monke
         return {"overall": next(scores)}
 
     monkeypatch.setattr(geneval, "run_geneval", fake_geneval)
-    monkeypatch.setattr(pipeline, "resolve_generator", lambda path, device: "default generator")
+    monkeypatch.setattr(text_to_image, "resolve_generator", lambda path, device: "default generator")
     monkeypatch.setattr(type(DEFAULT_GENERATOR), "find", lambda self: tmp_path / "shipped-generator")
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -17,8 +17,10 @@ from tokenflow_cli.generation.config import GeneratorModelConfig
 from tokenflow_cli.generation.data import CaptionedCodes, match_captions
 from tokenflow_cli.generation.geneval import export_geneval_layout, relative_position, score_detections, summarize
 from tokenflow_cli.generation.model import build_generator
-from tokenflow_cli.generation.pipeline import PromptEncoder, load_generator, save_generator
+from tokenflow_cli.generation.prompts import PromptEncoder
+from tokenflow_cli.generation.run_folder import save_generator
 from tokenflow_cli.generation.sampling import get_schedule
+from tokenflow_cli.generation.text_to_image import TextToImage
 
 TEXTS = ["a photo of a red circle", "a photo of two blue squares", "a green star left of a yellow triangle"]
 
@@ -62,8 +64,8 @@ def test_prompt_encoder_left_pads_with_bos_and_truncates() -> None:
 
 
 def test_run_folder_round_trip(run_dir: Path) -> None:
-    a = load_generator(run_dir)
-    b = load_generator(run_dir)
+    a = TextToImage.from_pretrained(run_dir)
+    b = TextToImage.from_pretrained(run_dir)
     assert a.tokenizer_source.endswith("image_tokenizer.safetensors")  # the copy travels with the run
     text = a.prompts(TEXTS[:2])
     codes = [m.model.generate(m.tokenizer, text, a.prompts(["", ""]), get_schedule("two-pass"), 2.0,
@@ -73,7 +75,7 @@ def test_run_folder_round_trip(run_dir: Path) -> None:
     step = run_dir / "checkpoints" / "step-00000001"
     step.mkdir(parents=True, exist_ok=True)
     (step / WEIGHTS_NAME).write_bytes((run_dir / WEIGHTS_NAME).read_bytes())
-    c = load_generator(step)
+    c = TextToImage.from_pretrained(step)
     for (name, p), q in zip(a.model.state_dict().items(), c.model.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
 
@@ -174,7 +176,8 @@ def test_caption_matching_and_dropout() -> None:
 def test_train_generator_cli_makes_a_loadable_run(run_dir: Path, tmp_path: Path, source: str) -> None:
     from tokenflow_cli.cli.app import app
     from tokenflow_cli.data.shapes import render_shapes_world
-    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, tokenize_paths
+    from tokenflow_cli.tokenizer.resolve import resolve_tokenizer
+    from tokenflow_cli.tokenizer.tokenize import tokenize_paths
 
     render_shapes_world(tmp_path / "shapes", n=6, seed=0, size=64)
     tok_dir = run_dir.parent / "tok"
@@ -195,8 +198,8 @@ def test_train_generator_cli_makes_a_loadable_run(run_dir: Path, tmp_path: Path,
     train_rows = [r for r in rows if r["split"] == "train"]
     assert len(train_rows) == 2 and {"acc@1", "acc@16", "refine_nll", "nll"} <= set(train_rows[0])
     assert (tmp_path / "run" / "samples" / "step-00000002.png").is_file()
-    loaded = load_generator(tmp_path / "run")
-    assert loaded.model.config.hidden_size == 32 and len(loaded.prompts.tokenizer) > 256
+    loaded = TextToImage.from_pretrained(tmp_path / "run")
+    assert loaded.model.config.hidden_size == 32 and len(loaded.text_tokenizer) > 256
     codes = loaded.model.generate(loaded.tokenizer, loaded.prompts(["a photo of a circle"]), None,
                                   get_schedule("one-pass"), generator=torch.Generator().manual_seed(0))
     assert codes.shape == (1, 521)
@@ -227,7 +230,8 @@ def test_train_generator_takes_the_tokenizer_from_its_codes(run_dir: Path, tmp_p
     from tokenflow_cli.cli.app import app
     from tokenflow_cli.data.shapes import render_shapes_world
     from tokenflow_cli.tokenizer.model import build_tokenizer
-    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, tokenize_paths
+    from tokenflow_cli.tokenizer.resolve import resolve_tokenizer
+    from tokenflow_cli.tokenizer.tokenize import tokenize_paths
 
     render_shapes_world(tmp_path / "shapes", n=6, seed=0, size=64)
     resolved = resolve_tokenizer(str(run_dir.parent / "tok"), torch.device("cpu"))

@@ -17,7 +17,7 @@ from tokenflow_cli.data.text_tokenizer import train_bpe_tokenizer
 from tokenflow_cli.generation.config import GeneratorModelConfig
 from tokenflow_cli.generation.model import NextScaleGenerator, RefineBlock, TextBatch, build_generator
 from tokenflow_cli.generation.next_scale import Replayed, running_map, teacher_inputs
-from tokenflow_cli.generation.pipeline import PromptEncoder
+from tokenflow_cli.generation.prompts import PromptEncoder
 from tokenflow_cli.generation.sampling import get_schedule
 
 OFFICIAL = dict(lm_arch="llama-qknorm-postnorm", next_scale_input="chained", multi_step="inplace",

@@ -17,11 +17,12 @@ from safetensors.torch import load_file
 from tokenflow_cli.checkpoint import WEIGHTS_NAME, save_model
 from tokenflow_cli.config import load_recipe
 from tokenflow_cli.data.shapes import render_shapes_world
-from tokenflow_cli.generation.pipeline import load_generator
 from tokenflow_cli.generation.sampling import get_schedule
+from tokenflow_cli.generation.text_to_image import TextToImage
 from tokenflow_cli.tokenizer.config import TokenizerRecipe
 from tokenflow_cli.tokenizer.model import build_tokenizer
-from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, tokenize_paths
+from tokenflow_cli.tokenizer.resolve import resolve_tokenizer
+from tokenflow_cli.tokenizer.tokenize import tokenize_paths
 from tokenflow_cli.train.state import step_dir
 
 STEPS = 2
@@ -58,7 +59,7 @@ def test_official_layout_trains_the_same_under_ddp_and_fsdp(tmp_path: Path) -> N
     assert any(".q_norm." in k for k in weights["fsdp"]) and not any("draft_projector" in k for k in weights["fsdp"])
     for key, value in weights["ddp"].items():
         torch.testing.assert_close(weights["fsdp"][key], value, rtol=1e-4, atol=1e-5, msg=key)
-    loaded = load_generator(tmp_path / "fsdp")
+    loaded = TextToImage.from_pretrained(tmp_path / "fsdp")
     assert loaded.model.config.multi_step == "inplace" and loaded.model.lm.config.model_type == "exaone4"
     text = loaded.prompts(["a red circle"])
     codes = loaded.model.generate(loaded.tokenizer, text, None, get_schedule("three-pass"),

@@ -18,8 +18,8 @@ from tokenflow_cli.checkpoint import WEIGHTS_NAME, save_model
 from tokenflow_cli.config import load_recipe
 from tokenflow_cli.generation.convert import convert_t2i
 from tokenflow_cli.generation.next_scale import teacher_inputs
-from tokenflow_cli.generation.pipeline import load_generator
 from tokenflow_cli.generation.sampling import OFFICIAL_NEGATIVE_PROMPT, get_schedule, parse_schedule
+from tokenflow_cli.generation.text_to_image import TextToImage
 from tokenflow_cli.tokenizer.config import TokenizerRecipe
 from tokenflow_cli.tokenizer.model import build_tokenizer
 
@@ -47,7 +47,7 @@ def world(tmp_path_factory) -> dict:
 
 
 def _prompt_ids(world: dict, loaded, prompts: list[str]) -> torch.Tensor:
-    return torch.tensor([world["reference"].prompt_ids(loaded.prompts.tokenizer, p) for p in prompts])
+    return torch.tensor([world["reference"].prompt_ids(loaded.text_tokenizer, p) for p in prompts])
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
@@ -59,7 +59,7 @@ def test_conversion_maps_every_key_and_reads_the_ids(world: dict, fmt: str) -> N
     assert report.ids["image_marker"] and max(report.ids["image_marker"]) < C.text_vocab
     assert {"model.image_token_start", "model.image_token_end", "lm_head.weight[:image_token_start]"} <= set(
         report.not_carried)
-    loaded = load_generator(world["runs"][fmt])
+    loaded = TextToImage.from_pretrained(world["runs"][fmt])
     assert report.written_keys == len(loaded.model.state_dict())
     cfg = loaded.model.config
     assert (cfg.lm_arch, cfg.next_scale_input, cfg.multi_step, cfg.text_layout) == (
@@ -69,7 +69,7 @@ def test_conversion_maps_every_key_and_reads_the_ids(world: dict, fmt: str) -> N
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_teacher_forced_image_logits_equal_the_reference(world: dict, fmt: str) -> None:
-    loaded = load_generator(world["runs"][fmt])
+    loaded = TextToImage.from_pretrained(world["runs"][fmt])
     model, tok = loaded.model, world["tok"]
     text = loaded.prompts([*PROMPTS, ""])
     ids = _prompt_ids(world, loaded, [*PROMPTS, ""])
@@ -84,7 +84,7 @@ def test_teacher_forced_image_logits_equal_the_reference(world: dict, fmt: str) 
 
 
 def _run_ours(world: dict, schedule: str, seed: int = 3, use_cache: bool = True):
-    loaded = load_generator(world["runs"]["safetensors"])
+    loaded = TextToImage.from_pretrained(world["runs"]["safetensors"])
     calls: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
     text, negative = loaded.prompts(PROMPTS), loaded.prompts([OFFICIAL_NEGATIVE_PROMPT] * len(PROMPTS))
     codes = loaded.model.generate(world["tok"], text, negative, parse_schedule(schedule), cfg=7.5,

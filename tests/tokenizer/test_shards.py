@@ -21,9 +21,10 @@ from tokenflow_cli.data.sources import open_source
 from tokenflow_cli.errors import UserError
 from tokenflow_cli.tokenizer.codes import list_codes_files, read_codes
 from tokenflow_cli.tokenizer.codes_summary import summarize_codes
-from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, tokenize_paths
 from tokenflow_cli.tokenizer.reconstruct import reconstruct_codes_file
+from tokenflow_cli.tokenizer.resolve import resolve_tokenizer
 from tokenflow_cli.tokenizer.shards import tokenize_to_shards
+from tokenflow_cli.tokenizer.tokenize import tokenize_paths
 
 REPO = Path(__file__).resolve().parents[2]
 

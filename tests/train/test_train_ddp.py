@@ -59,7 +59,8 @@ def test_two_rank_ddp_trains_and_its_checkpoint_loads_in_one_process(ddp_run):
 
 def test_two_rank_tokenize_merges_shards_like_one_process(ddp_run):
     from tokenflow_cli.tokenizer.codes import read_codes
-    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, tokenize_paths
+    from tokenflow_cli.tokenizer.resolve import resolve_tokenizer
+    from tokenflow_cli.tokenizer.tokenize import tokenize_paths
 
     root, run, _ = ddp_run
     images = root / "shapes" / "images"

@@ -41,7 +41,8 @@ def generator_data(tmp_path_factory) -> tuple[Path, list[str]]:
     from tokenflow_cli.data.shapes import render_shapes_world
     from tokenflow_cli.tokenizer.config import TokenizerRecipe
     from tokenflow_cli.tokenizer.model import build_tokenizer
-    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, tokenize_paths
+    from tokenflow_cli.tokenizer.resolve import resolve_tokenizer
+    from tokenflow_cli.tokenizer.tokenize import tokenize_paths
 
     root = tmp_path_factory.mktemp("fsdp")
     torch.manual_seed(0)
@@ -73,8 +74,8 @@ def fsdp_run(generator_data) -> tuple[Path, subprocess.CompletedProcess]:
 
 
 def test_fsdp_generator_checkpoint_has_the_one_process_format(fsdp_run) -> None:
-    from tokenflow_cli.generation.pipeline import load_generator
     from tokenflow_cli.generation.sampling import get_schedule
+    from tokenflow_cli.generation.text_to_image import TextToImage
 
     run, proc = fsdp_run
     assert (proc.stdout + proc.stderr).count("FSDP: 2 units + 1 root(s) sharded over 2 ranks") == 1  # rank 0
@@ -84,7 +85,7 @@ def test_fsdp_generator_checkpoint_has_the_one_process_format(fsdp_run) -> None:
     assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in train_rows)
     assert (run / "samples" / f"step-{STEPS:08d}.png").is_file()  # rank 0 sampled from gathered weights
 
-    loaded = load_generator(run)
+    loaded = TextToImage.from_pretrained(run)
     weights = loaded.model.state_dict()
     state = load_train_state(latest_checkpoint(run) / STATE_NAME)
     assert state["step"] == STEPS and state["world_size"] == 2

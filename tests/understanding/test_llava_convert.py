@@ -123,10 +123,10 @@ def test_bin_shards_convert_to_the_same_model(converted, world):
 
 
 def test_converted_model_gives_the_official_logits_and_greedy_answer(converted, world):
-    from tokenflow_cli.understanding.pipeline import load_understanding
+    from tokenflow_cli.understanding.pipeline import Understanding
 
     _, out, _ = converted
-    loaded = load_understanding(out, torch.device("cpu"), dtype="fp32")
+    loaded = Understanding.from_pretrained(out, device=torch.device("cpu"), dtype="fp32")
     model = loaded.model
     visual_1NC = loaded.visual_tokens([world["image"]])
     ids, features = _reference_inputs(world, visual_1NC)
@@ -237,7 +237,7 @@ def test_qwen_template_renders_the_official_prompt(converted):
 
 def test_an_official_tokenizer_pt_is_converted_into_the_folder(world, monkeypatch):
     import tokenflow_cli.understanding.convert as convert_module
-    from tokenflow_cli.understanding.pipeline import load_understanding
+    from tokenflow_cli.understanding.pipeline import Understanding
 
     official_pt = world["root"] / "tokenflow_tiny.pt"
     official_pt.write_bytes(b"stands for an official checkpoint")
@@ -254,7 +254,7 @@ def test_an_official_tokenizer_pt_is_converted_into_the_folder(world, monkeypatc
     assert info["tokenizer_source"] == "image_tokenizer.safetensors"
     moved = world["root"] / "moved-llava"
     out.rename(moved)  # the folder carries its tokenizer: it still loads after a move
-    loaded = load_understanding(moved, torch.device("cpu"))
+    loaded = Understanding.from_pretrained(moved, device=torch.device("cpu"))
     assert loaded.tokenizer_source == str(moved / "image_tokenizer.safetensors") and not loaded.warnings
 
 

@@ -142,7 +142,7 @@ def test_feature_sources_of_a_tiny_tokenizer(tokenizer_ckpt) -> None:
 
 def test_ask_and_eval_vqa_cli(saved_model, world, tmp_path) -> None:
     from tokenflow_cli.cli.app import app
-    from tokenflow_cli.understanding.pipeline import load_understanding
+    from tokenflow_cli.understanding.pipeline import Understanding
 
     out, _ = saved_model
     image = world / "images" / "000000.png"
@@ -164,7 +164,7 @@ def test_ask_and_eval_vqa_cli(saved_model, world, tmp_path) -> None:
     )
     assert res.exit_code == 0, res.output
     record = json.loads(res.stdout)
-    loaded = load_understanding(out, torch.device("cpu"))
+    loaded = Understanding.from_pretrained(out, device=torch.device("cpu"))
     expected = loaded.model.answer(loaded.visual_tokens([image]), ["What color is the star?"], max_new_tokens=4)
     assert record["answer"] == expected[0] and record["features"] == "tokenflow"
 

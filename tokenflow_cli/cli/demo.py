@@ -124,19 +124,19 @@ def evaluate_step(ctx: DemoContext) -> None:
 
     from tokenflow_cli.data.images import list_images
     from tokenflow_cli.tokenizer.codes import read_codes
-    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, tokenize_paths
     from tokenflow_cli.tokenizer.reconstruct import reconstruct_images
+    from tokenflow_cli.tokenizer.resolve import resolve_tokenizer
+    from tokenflow_cli.tokenizer.tokenize import tokenize_paths
 
-    resolved = resolve_tokenizer(str(ctx.tokenizer_path), torch.device(ctx.device))
-    tok = resolved.tokenizer
+    tok = resolve_tokenizer(str(ctx.tokenizer_path), torch.device(ctx.device))
     psnrs = []
     for part in HELD_OUT_PARTS:
         paths = list_images(ctx.data[part])
         codes_path = ctx.out_dir / f"codes_{part}.npz"
-        tokenized = tokenize_paths(resolved, paths, codes_path, batch_size=16)
+        tokenized = tokenize_paths(tok, paths, codes_path, batch_size=16)
         codes = read_codes(codes_path)
         per_scale = [len(np.unique(codes.per_scale(k))) / tok.codebook_size for k in range(len(codes.scales))]
-        recon = reconstruct_images(resolved, paths, ctx.out_dir / f"recon_{part}", batch_size=16)
+        recon = reconstruct_images(tok, paths, ctx.out_dir / f"recon_{part}", batch_size=16)
         psnrs.append(recon.psnr)
         ctx.summary.append(
             f"{part}: PSNR {recon.psnr:.2f} dB, codebook usage {tokenized.usage_share:.1%} of "
@@ -155,11 +155,11 @@ def _held_out_psnr(ctx: DemoContext, model: Path, tag: str) -> float:
     import torch
 
     from tokenflow_cli.data.images import list_images
-    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer
     from tokenflow_cli.tokenizer.reconstruct import reconstruct_images
+    from tokenflow_cli.tokenizer.resolve import resolve_tokenizer
 
-    resolved = resolve_tokenizer(str(model), torch.device(ctx.device))
-    return float(np.mean([reconstruct_images(resolved, list_images(ctx.data[part]), ctx.out_dir / f"{tag}_{part}",
+    tok = resolve_tokenizer(str(model), torch.device(ctx.device))
+    return float(np.mean([reconstruct_images(tok, list_images(ctx.data[part]), ctx.out_dir / f"{tag}_{part}",
                                              batch_size=16).psnr for part in HELD_OUT_PARTS]))
 
 
@@ -200,22 +200,19 @@ def generator_step(ctx: DemoContext) -> None:
     from tokenflow_cli.config import load_recipe
     from tokenflow_cli.data.images import list_images
     from tokenflow_cli.generation.config import GeneratorRecipe
-    from tokenflow_cli.generation.pipeline import (
-        GenerationSettings,
-        generate_images,
-        resolve_generator,
-        write_outputs,
-    )
+    from tokenflow_cli.generation.outputs import write_outputs
     from tokenflow_cli.generation.sampling import get_schedule
     from tokenflow_cli.generation.stage import GeneratorStage
-    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, tokenize_paths
+    from tokenflow_cli.generation.text_to_image import GenerationSettings, generate_images, resolve_generator
+    from tokenflow_cli.tokenizer.resolve import resolve_tokenizer
+    from tokenflow_cli.tokenizer.tokenize import tokenize_paths
     from tokenflow_cli.train.loop import train
 
     if ctx.gen_minutes <= 0:
         return
-    resolved = resolve_tokenizer(str(ctx.tokenizer_path), torch.device(ctx.device))
+    tok = resolve_tokenizer(str(ctx.tokenizer_path), torch.device(ctx.device))
     codes = ctx.out_dir / "codes_shapes.npz"
-    tokenize_paths(resolved, list_images(ctx.data["shapes"]), codes, batch_size=32)
+    tokenize_paths(tok, list_images(ctx.data["shapes"]), codes, batch_size=32)
     run_dir = ctx.out_dir / "generator_run"
     recipe = load_recipe(GENERATOR_RECIPE, GeneratorRecipe, overrides=[
         f"data.codes={codes}", f"data.captions={ctx.data['shapes'].parent / 'captions.jsonl'}",
@@ -244,7 +241,7 @@ def _install_generator_if_better(ctx: DemoContext, trained, run_dir: Path, setti
     import torch
 
     from tokenflow_cli.generation.geneval import run_geneval
-    from tokenflow_cli.generation.pipeline import resolve_generator
+    from tokenflow_cli.generation.text_to_image import resolve_generator
     from tokenflow_cli.weights import DEFAULT_GENERATOR, tokenflow_home
 
     def score(loaded, tag: str) -> float:
@@ -280,9 +277,10 @@ def showcase_step(ctx: DemoContext) -> None:
     import torch
 
     from tokenflow_cli.data.captions import read_jsonl
-    from tokenflow_cli.generation.pipeline import GenerationSettings, generate_images, resolve_generator, write_outputs
+    from tokenflow_cli.generation.outputs import write_outputs
     from tokenflow_cli.generation.sampling import get_schedule
-    from tokenflow_cli.understanding.pipeline import load_understanding
+    from tokenflow_cli.generation.text_to_image import GenerationSettings, generate_images, resolve_generator
+    from tokenflow_cli.understanding.pipeline import Understanding
     from tokenflow_cli.weights import DEFAULT_LLAVA
 
     device = torch.device(ctx.device)
@@ -296,7 +294,7 @@ def showcase_step(ctx: DemoContext) -> None:
     if DEFAULT_LLAVA.find() is None:
         ctx.summary.append("no default understanding model: `tokenflow ask` needs --model")
         return
-    understanding = load_understanding(None, device)
+    understanding = Understanding.from_pretrained(None, device=device)
     val_dir = ctx.out_dir / "data" / "shapes_val"
     shown = [r for r in read_jsonl(val_dir / "geneval.jsonl") if len(r["objects"]) == 1][:2]
     ctx.summary.append(f"default understanding model {understanding.model_dir}:")

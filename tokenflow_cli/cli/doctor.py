@@ -32,7 +32,7 @@ PACKAGES = [
 def collect() -> dict:
     import torch
 
-    from tokenflow_cli import __version__
+    from tokenflow_cli.version import __version__
     from tokenflow_cli.weights import DEFAULT_GENERATOR, DEFAULT_LLAVA, DEFAULT_TOKENIZER, weight_report
 
     versions = {"tokenflow-cli": __version__, "python": platform.python_version()}

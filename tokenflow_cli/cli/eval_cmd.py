@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from tokenflow_cli.cli.common import BatchOpt, DeviceOpt, console, err_console, fail
-from tokenflow_cli.cli.generation_cmd import (
+from tokenflow_cli.cli.models import (
     CfgOpt,
     GenBatchOpt,
     GenModelOpt,
@@ -180,8 +180,8 @@ def geneval_cmd(
 
     from tokenflow_cli.fileio import atomic_write_text
     from tokenflow_cli.generation.geneval import detector_ceiling, run_geneval
-    from tokenflow_cli.generation.pipeline import GenerationSettings
     from tokenflow_cli.generation.sampling import get_schedule
+    from tokenflow_cli.generation.text_to_image import GenerationSettings
 
     names = [s.strip().replace(";", ",") for s in schedules.split(",") if s.strip()]
     try:

@@ -28,12 +28,12 @@ ImagesArg = Annotated[str | None, typer.Argument(help="Images (same as --data)."
 
 def _resolve(model: str | None, device: str):
     from tokenflow_cli.device import resolve_device
-    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer
+    from tokenflow_cli.tokenizer.resolve import resolve_tokenizer
 
-    resolved = resolve_tokenizer(model, resolve_device(device))
-    note = " [bold yellow](RANDOM INIT: numbers are meaningless)[/]" if resolved.random_init else ""
-    console.print(f"model: [cyan]{resolved.source}[/]{note}")
-    return resolved
+    tok = resolve_tokenizer(model, resolve_device(device))
+    note = " [bold yellow](RANDOM INIT: numbers are meaningless)[/]" if tok.random_init else ""
+    console.print(f"model: [cyan]{tok.source}[/]{note}")
+    return tok
 
 
 def _subsets(data: str | None, limit: int, res: int):
@@ -93,13 +93,13 @@ def rfid_cmd(
             if inception_weights or not _build_inception_once():
                 raise fail(f"{err}; or pass --tiny-features for a smoke test (NOT FID)") from None
             spec = inception_spec()
-    resolved = _resolve(model, device)
-    res = res or resolved.tokenizer.image_size
+    tok = _resolve(model, device)
+    res = res or tok.image_size
     subsets = _subsets(data, limit, res)
     metric = build_lpips_metric(lpips_net, allow_random_backbone=lpips_random_backbone, enabled=lpips)
     opts = RfidOptions(res=res, batch_size=batch_size, kid=kid, inference=inference)
     with image_progress(sum(len(s.paths) for s in subsets), "rfid") as update:
-        report = run_rfid(resolved, subsets, output, spec, metric, opts, progress=update)
+        report = run_rfid(tok, subsets, output, spec, metric, opts, progress=update)
     _print_rfid(report)
     write_report(report, output)
     if report["files"]["grid"]:
@@ -156,24 +156,24 @@ def usage_cmd(
 ) -> None:
     """Per-scale and overall codebook usage and perplexity: shared index, semantic- and pixel-nearest."""
     from tokenflow_cli.cli.progress import image_progress
-    from tokenflow_cli.tokenizer.pipeline import iterate_batches, tokenizer_id
+    from tokenflow_cli.tokenizer.encode import image_batches
+    from tokenflow_cli.tokenizer.identity import tokenizer_id
     from tokenflow_cli.tokenizer.usage_report import measure_usage, write_histograms
 
-    resolved = _resolve(model, device)
-    tok = resolved.tokenizer
+    tok = _resolve(model, device)
     subsets = _subsets(data or images, limit, tok.image_size)
     paths = [p for s in subsets for p in s.paths]
-    batches = (img for img, _, _ in iterate_batches(paths, tok.image_size, batch_size, 0, strict=False))
+    batches = (batch.images for batch in image_batches(tok, paths, batch_size) if batch.images is not None)
     with image_progress(len(paths), "usage") as update:
         usage, agree = measure_usage(tok, batches, progress=lambda n: update(n, 0, 0.0))
     output.mkdir(parents=True, exist_ok=True)
     histograms = write_histograms(usage, output)
-    report = {"command": "tokenflow eval usage", "model": tokenizer_id(resolved), "codebook_size": tok.codebook_size,
+    report = {"command": "tokenflow eval usage", "model": tokenizer_id(tok), "codebook_size": tok.codebook_size,
               "scales": list(tok.scales), "images": usage.images,
               "data": {s.name: s.description for s in subsets},
               "agreement_with_shared": agree, "views": usage.summary(),
               "histograms": [str(p) for p in histograms],
-              "warnings": ["the tokenizer is RANDOMLY INITIALISED"] if resolved.random_init else []}
+              "warnings": ["the tokenizer is RANDOMLY INITIALISED"] if tok.random_init else []}
     _print_usage(report)
     write_report(report, output)
 

@@ -8,28 +8,36 @@ from typing import Annotated
 
 import typer
 
-from tokenflow_cli.cli.common import CompileOpt, DeviceOpt, RecipeArg, ResumeOpt, SetOpt, app, console, fail, positive
+from tokenflow_cli.cli.common import (
+    CompileOpt,
+    DeviceOpt,
+    OverwriteOpt,
+    RecipeArg,
+    ResumeOpt,
+    SetOpt,
+    app,
+    claim_output,
+    console,
+    fail,
+)
+from tokenflow_cli.cli.models import (
+    CfgOpt,
+    GenBatchOpt,
+    GenModelOpt,
+    ImageTokenizerOpt,
+    TemperatureOpt,
+    load_generator_for_cli,
+    open_count_bar,
+)
 from tokenflow_cli.cli.training import run_training
 
-GenModelOpt = Annotated[
-    str | None,
-    typer.Option("--model", "-m", help="Generator run folder or checkpoint (default: the demo's generator, "
-                 "$TOKENFLOW_GENERATOR or ~/.cache/tokenflow/generator)."),
-]
-ImageTokenizerOpt = Annotated[
-    str | None, typer.Option("--tokenizer", help="Image tokenizer to use instead of the one the run names.")
-]
 PresetOpt = Annotated[
     str | None, typer.Option("--preset", help="Named schedule: one-pass (600,0.6), two-pass, three-pass.")
 ]
 PassesOpt = Annotated[
     str | None, typer.Option("--passes", help='Passes as top_k:top_p, e.g. "1200:0.8,100:0.8,1:0".')
 ]
-CfgOpt = Annotated[float | None, typer.Option("--cfg", min=0.0, help="Guidance at the last scale (ramps linearly "
-                   "from 0; default: the model's, 7.5 for a converted official model, else 3).")]
 GenDtypeOpt = Annotated[str | None, typer.Option("--dtype", help="fp32 | bf16 | fp16 (default: the weights' own).")]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", callback=positive, help="Softmax temperature (> 0).")]
-GenBatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
 TopPOpt = {"min": 0.0, "max": 1.0}  # top-p is a probability (0 turns it off)
 CacheOpt = Annotated[bool, typer.Option("--cache/--no-cache", help="KV cache (--no-cache recomputes, as official).")]
 
@@ -47,30 +55,13 @@ def _schedule(preset: str | None, passes: str | None, pairs: list[tuple[int | No
         raise fail(str(err)) from None
 
 
-def load_generator_for_cli(model: str | None, tokenizer: str | None, device: str, dtype: str | None = None):
-    from tokenflow_cli.cli.common import quiet_transformers
-    from tokenflow_cli.device import resolve_device
-    from tokenflow_cli.generation.pipeline import resolve_generator
-
-    quiet_transformers()
-    try:
-        loaded = resolve_generator(model, resolve_device(device), tokenizer, dtype)
-    except (FileNotFoundError, ValueError) as err:
-        raise fail(str(err)) from None
-    note = " [bold yellow](random init: outputs are meaningless)[/]" if loaded.random_init else ""
-    cfg = loaded.model.config
-    console.print(f"generator: [cyan]{loaded.source}[/]{note}\n  {cfg.name}: {cfg.lm_arch}, "
-                  f"{str(loaded.dtype).removeprefix('torch.')}, next-scale inputs {cfg.next_scale_input}, "
-                  f"multi-step {cfg.multi_step}, text layout {cfg.text_layout}\n"
-                  f"image tokenizer: [cyan]{loaded.tokenizer_source}[/]", highlight=False)
-    return loaded
-
-
-def open_count_bar(label: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, disable=not console.is_terminal)
+def _effective_note(schedule, vocab: int) -> str:
+    """What a top-k at or above the codebook size means, said beside the asked schedule: it keeps
+    every code ("--k1 1200" over K = 512 is no top-k)."""
+    if not any(p.top_k >= vocab for p in schedule):
+        return ""
+    effective = ",".join(f"{p.top_k if 0 < p.top_k < vocab else 'all'}:{p.top_p:g}" for p in schedule)
+    return f" (effective over K = {vocab} codes: {effective}; top-k >= K keeps every code)"
 
 
 @app.command("generate")
@@ -99,11 +90,14 @@ def generate_cmd(
     cache: CacheOpt = True,
     dtype: GenDtypeOpt = None,
     compile_decoder: CompileOpt = False,
+    overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Text -> images: next-scale sampling with CFG, multi-pass re-prediction and a KV cache."""
-    from tokenflow_cli.generation.pipeline import generate_images, read_prompts_file, write_outputs
+    """Text -> images: next-scale sampling with CFG, multi-pass re-prediction and a KV cache.
+    The folder is written beside -o and swapped in whole once every image is done."""
+    from tokenflow_cli.generation.outputs import read_prompts_file, write_outputs
     from tokenflow_cli.generation.sampling import format_schedule
+    from tokenflow_cli.generation.text_to_image import generate_images
 
     if (prompt is None) == (prompts is None):
         raise fail("give a PROMPT or --prompts FILE (not both)")
@@ -114,30 +108,34 @@ def generate_cmd(
     if not texts:
         raise fail(f"{prompts}: no prompts")
     schedule = _schedule(preset, passes, [(k1, p1), (k2, p2), (k3, p3)])
-    loaded = load_generator_for_cli(model, tokenizer, device, dtype)
+    claim = claim_output(output, "folder", "generate", overwrite)  # before any model loads
+    pipe = load_generator_for_cli(model, tokenizer, device, dtype)
     if compile_decoder:  # the image decoder (codes -> pixels); the LM's KV-cache shapes change every scale
         from tokenflow_cli.tokenizer.inference import InferenceOptions, prepare_for_inference
 
-        prepare_for_inference(loaded.tokenizer, InferenceOptions(compile=True, scope="decoders"))
+        prepare_for_inference(pipe.tokenizer, InferenceOptions(compile=True, scope="decoders"))
     try:
-        settings = loaded.default_settings(schedule=schedule, cfg=cfg, negative_prompt=negative_prompt,
+        settings = pipe.default_settings(schedule=schedule, cfg=cfg, negative_prompt=negative_prompt,
                                            temperature=temperature, seed=seed, samples_per_prompt=n,
                                            batch_size=batch_size, use_cache=cache)
     except ValueError as err:
         raise fail(str(err)) from None
     negative = repr(settings.negative_prompt[:40] + ("..." if len(settings.negative_prompt) > 40 else ""))
-    console.print(f"settings: schedule {format_schedule(settings.schedule)}, cfg {settings.cfg:g}, negative prompt "
+    vocab = pipe.tokenizer.codebook_size
+    schedule_text = format_schedule(settings.schedule) + _effective_note(settings.schedule, vocab)
+    console.print(f"settings: schedule {schedule_text}, cfg {settings.cfg:g}, negative prompt "
                   f"{negative}, top-k ties {'kept' if settings.keep_ties else 'broken by index'}, "
                   f"KV cache {'on' if cache else 'off'}", highlight=False)
     with open_count_bar("generate") as bar:
         task = bar.add_task("generate", total=len(texts) * n)
         try:
-            result = generate_images(loaded, texts, settings, lambda k: bar.advance(task, k))
+            result = generate_images(pipe, texts, settings, lambda k: bar.advance(task, k))
         except ValueError as err:
             raise fail(str(err)) from None
-    extra = {"model": loaded.source, "tokenizer": loaded.tokenizer_source, "random_init": loaded.random_init,
-             "dtype": str(loaded.dtype).removeprefix("torch.")}
-    write_outputs(output, result, settings, extra)
+    extra = {"model": pipe.source, "tokenizer": pipe.tokenizer_source, "random_init": pipe.random_init,
+             "dtype": str(pipe.dtype).removeprefix("torch.")}
+    write_outputs(claim.tmp, result, settings, extra)
+    claim.commit()
     console.print(f"{len(result.images)} images ({result.images_per_s:.2f} img/s) -> [bold]{output}[/] "
                   "(grid.png, settings.json)")
 
@@ -153,13 +151,11 @@ def train_generator_cmd(
     """Train the next-scale text-to-image generator on captioned codes (or images)."""
     from tokenflow_cli.cli.common import quiet_transformers
     from tokenflow_cli.generation.config import GeneratorRecipe
-    from tokenflow_cli.generation.stage import GeneratorStage
-    from tokenflow_cli.train.loop import train
+    from tokenflow_cli.generation.stage import train_generator
 
     quiet_transformers()
     run = run_training(recipe, GeneratorRecipe, list(overrides or []), output, lambda r: r.model.name,
-                       lambda r, run_dir: train(GeneratorStage(r, run_dir), r.train, run_dir, recipe=r,
-                                                device=device, resume=resume))
+                       lambda r, run_dir: train_generator(r, run_dir, device=device, resume=resume))
     if run is None:
         return
     result, run_dir = run.result, run.run_dir

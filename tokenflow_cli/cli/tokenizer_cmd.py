@@ -14,11 +14,13 @@ from tokenflow_cli.cli.common import (
     DeviceOpt,
     InferDtypeOpt,
     ModelOpt,
+    OverwriteOpt,
     RecipeArg,
     ResumeOpt,
     SetOpt,
     StrictOpt,
     app,
+    claim_output,
     console,
     err_console,
     fail,
@@ -33,28 +35,29 @@ def _load_model(model: str | None, device: str, codes: Path | None = None, dtype
     (tokenizer/inference.py; the default fp32 path is left exactly as it was)."""
     from tokenflow_cli.device import resolve_device
     from tokenflow_cli.tokenizer.codes import list_codes_files, read_codes_meta
+    from tokenflow_cli.tokenizer.identity import resolve_tokenizer_for_codes
     from tokenflow_cli.tokenizer.inference import InferenceOptions, prepare_for_inference
-    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, resolve_tokenizer_for_codes
+    from tokenflow_cli.tokenizer.resolve import resolve_tokenizer
 
     try:
         if codes is None:
-            resolved = resolve_tokenizer(model, resolve_device(device))
+            tok = resolve_tokenizer(model, resolve_device(device))
         else:
             first = list_codes_files(codes)[0]  # a codes file, or the first shard of a sharded folder
-            resolved = resolve_tokenizer_for_codes(read_codes_meta(first), model, resolve_device(device), codes)
+            tok = resolve_tokenizer_for_codes(read_codes_meta(first), model, resolve_device(device), codes)
     except (FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None
-    note = " [bold yellow](random init: outputs are meaningless)[/]" if resolved.random_init else ""
-    console.print(f"model: [cyan]{resolved.source}[/]{note}")
+    note = " [bold yellow](random init: outputs are meaningless)[/]" if tok.random_init else ""
+    console.print(f"model: [cyan]{tok.source}[/]{note}")
     if dtype != "fp32" or compile_model:
         try:
             options = InferenceOptions(dtype=dtype, compile=compile_model, scope=scope)
         except ValueError as err:
             raise fail(str(err)) from None
-        prepare_for_inference(resolved.tokenizer, options)
+        prepare_for_inference(tok, options)
         parts = "encoders and decoders" if scope == "all" else "decoders (encoders fp32: the same codes)"
         console.print(f"inference: {parts} in {dtype}{', compiled' if compile_model else ''}; code search in fp32")
-    return resolved
+    return tok
 
 
 def _list_inputs(source: str) -> list[Path]:
@@ -115,36 +118,32 @@ def tokenize_cmd(
     from tokenflow_cli.cli.progress import image_progress
     from tokenflow_cli.data.images import ImageLoadError
     from tokenflow_cli.errors import UserError
-    from tokenflow_cli.fileio import UnwritableOutputError, check_writable, check_writable_dir
     from tokenflow_cli.tokenizer.sharded import tokenize_distributed
     from tokenflow_cli.tokenizer.shards import tokenize_to_shards
 
     if resume and shard_size is None:
         raise fail("--resume needs --shard-size (a one-file output is written whole or not at all)")
-    try:  # before any image is encoded
-        check_writable_dir(output) if shard_size else check_writable(output)
-    except UnwritableOutputError as err:
-        raise fail(str(err)) from None
+    claim = claim_output(output, "run" if shard_size else "file", "tokenize")  # before any image is encoded
     source = _open_inputs(inputs, image_column)
-    resolved = _load_model(model, device, dtype=dtype, compile_model=compile_model)
+    tok = _load_model(model, device, dtype=dtype, compile_model=compile_model)
     if dtype != "fp32":
         err_console.print(f"[yellow]warning:[/] encoding in {dtype} changes many indices against fp32 "
                           "(docs/RESULTS.md: 7-29% agree on the released layouts); keep fp32 when codes matter")
     with image_progress(source.count or 0, "tokenize") as update:
         try:
             if shard_size:
-                result = tokenize_to_shards(resolved, source, output, shard_size, batch_size, workers, strict,
+                result = tokenize_to_shards(tok, source, output, shard_size, batch_size, workers, strict,
                                             resume, update)
             else:
-                result = tokenize_distributed(resolved, source, output, batch_size, workers, strict, update)
+                result = tokenize_distributed(tok, source, output, batch_size, workers, strict, update)
         except ImageLoadError as err:
             raise fail(f"--strict: {err}") from None
         except UserError as err:  # a run that cannot resume, a full disk
             raise fail(str(err)) from None
+    claim.commit()
     if result is None:  # a non-zero rank under torchrun: rank 0 reports
         return
     _report_failures(result.failures, strict)
-    tok = resolved.tokenizer
     shards = (f" in {result.total_shards} shards ({result.shards_skipped} already done, "
               f"{result.shards_written} written)" if shard_size else "")
     console.print(
@@ -162,31 +161,36 @@ def reconstruct_cmd(
     batch_size: BatchOpt = 16,
     strict: StrictOpt = False,
     max_grid: Annotated[int, typer.Option("--max-grid", min=1, help="Rows in grid.png.")] = 16,
+    overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
     dtype: InferDtypeOpt = "fp32",
     compile_model: CompileOpt = False,
 ) -> None:
-    """Images or a codes file -> reconstructed PNGs, plus an original | reconstruction grid."""
+    """Images or a codes file -> reconstructed PNGs, plus an original | reconstruction grid.
+    The folder is written beside -o and swapped in whole when every image is done."""
     from tokenflow_cli.cli.progress import image_progress
     from tokenflow_cli.data.images import ImageLoadError
     from tokenflow_cli.tokenizer.codes import MANIFEST_NAME
     from tokenflow_cli.tokenizer.reconstruct import reconstruct_codes_file, reconstruct_images
 
     is_codes = (inputs.endswith(".npz") and Path(inputs).is_file()) or (Path(inputs) / MANIFEST_NAME).is_file()
-    resolved = _load_model(model, device, Path(inputs) if is_codes else None, dtype, compile_model, "decoders")
+    claim = claim_output(output, "folder", "reconstruct", overwrite)
+    tok = _load_model(model, device, Path(inputs) if is_codes else None, dtype, compile_model, "decoders")
     paths = [] if is_codes else _list_inputs(inputs)
     total = 0 if is_codes else len(paths)
     with image_progress(total, "reconstruct") as update:
         try:
             if is_codes:
-                result = reconstruct_codes_file(resolved, Path(inputs), output, batch_size, max_grid, update)
+                result = reconstruct_codes_file(tok, Path(inputs), claim.tmp, batch_size, max_grid, update)
             else:
-                result = reconstruct_images(resolved, paths, output, batch_size, strict, max_grid, update)
+                result = reconstruct_images(tok, paths, claim.tmp, batch_size, strict, max_grid, update)
         except (ImageLoadError, ValueError) as err:
             raise fail(str(err)) from None
+    claim.commit()
     _report_failures(result.failures, strict)
     psnr = f", PSNR {result.psnr:.2f} dB vs originals" if result.psnr is not None else ""
-    console.print(f"wrote {result.n_images} reconstructions to [bold]{output}[/]{psnr}; grid: {result.grid_path}")
+    grid = output / result.grid_path.name if result.grid_path else None
+    console.print(f"wrote {result.n_images} reconstructions to [bold]{output}[/]{psnr}; grid: {grid}")
 
 
 RunDirOpt = Annotated[

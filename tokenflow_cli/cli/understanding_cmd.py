@@ -64,11 +64,11 @@ LlmDtypeOpt = Annotated[
 
 def load_for_inference(model: str | None, tokenizer: str | None, device: str, dtype: str = "auto"):
     from tokenflow_cli.device import resolve_device
-    from tokenflow_cli.understanding.pipeline import load_understanding
+    from tokenflow_cli.understanding.pipeline import Understanding
 
     quiet_transformers()
     try:
-        loaded = load_understanding(model, resolve_device(device), tokenizer, dtype)
+        loaded = Understanding.from_pretrained(model, device=resolve_device(device), tokenizer=tokenizer, dtype=dtype)
     except (FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None
     for warning in loaded.warnings:

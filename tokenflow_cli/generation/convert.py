@@ -26,17 +26,17 @@ import sentencepiece as spm
 import torch
 from transformers import AutoTokenizer
 
-from tokenflow_cli import __version__
 from tokenflow_cli.checkpoint import WEIGHTS_NAME, resolve_weights_path
 from tokenflow_cli.config import save_resolved, to_dict
 from tokenflow_cli.device import dtype_of
 from tokenflow_cli.generation.config import GeneratorModelConfig, GeneratorRecipe
 from tokenflow_cli.generation.model import build_generator
-from tokenflow_cli.generation.pipeline import IMAGE_TOKENIZER_NAME, KIND, write_run_files
+from tokenflow_cli.generation.run_folder import IMAGE_TOKENIZER_NAME, KIND, write_run_files
 from tokenflow_cli.generation.safetensors_stream import stream_writer
 from tokenflow_cli.hub import HubFolder, iter_shards, open_hub_folder, read_tensor, tensor_shapes
 from tokenflow_cli.tokenizer.convert import ConversionError, convert_checkpoint
 from tokenflow_cli.tokenizer.model import load_tokenizer
+from tokenflow_cli.version import __version__
 
 __all__ = ["OFFICIAL_PROMPT_TOKENS", "T2IConversionReport", "convert_t2i", "is_t2i_folder"]
 

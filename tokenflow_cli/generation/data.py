@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from tokenflow_cli.data.captions import read_jsonl
-from tokenflow_cli.data.images import list_images, load_image, resize_center_crop, to_tensor_pm1
+from tokenflow_cli.data.images import list_images
 from tokenflow_cli.generation.config import GeneratorDataConfig
 from tokenflow_cli.generation.model import TextBatch
 from tokenflow_cli.tokenizer.codes import list_codes_files, read_codes
+from tokenflow_cli.tokenizer.encode import encode_images
 
 
 def read_caption_table(path: str | Path, fields: tuple[str, ...]) -> dict[Path, list[str]]:
@@ -105,11 +106,12 @@ def load_training_codes(data: GeneratorDataConfig, tokenizer=None, batch_size: i
         if len({m.get("tokenizer_sha256") for m in metas}) > 1:
             raise ValueError(f"the shards of {data.codes} were made by different tokenizers")
         codes = np.concatenate([f.indices for f in files])
-        paths = [str(p) for f in files for p in f.paths]
+        paths = [str(p) for f in files for p in f.image_paths()]
         scales = files[0].scales
         source = f"codes {data.codes}"
     elif data.images:
-        codes, paths = encode_images(data.images, tokenizer, batch_size)
+        batches = list(encode_images(tokenizer, list_images(data.images), batch_size, strict=True))
+        codes, paths = np.concatenate([b.indices for b in batches]), [key for b in batches for key in b.keys]
         scales = tuple(tokenizer.scales)
         source = f"images {data.images} (encoded at start-up)"
     else:
@@ -128,17 +130,3 @@ def codes_files(codes: str | Path) -> list[Path]:
         return list_codes_files(codes)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"data.codes: {err}") from None
-
-
-@torch.no_grad()
-def encode_images(source: str, tokenizer, batch_size: int) -> tuple[np.ndarray, list[str]]:
-    """Encode a folder/glob/list of images with the image tokenizer (centre crops)."""
-
-    device = next(tokenizer.parameters()).device
-    paths = [str(p) for p in list_images(source)]
-    rows = []
-    for first in range(0, len(paths), batch_size):
-        imgs = [to_tensor_pm1(resize_center_crop(load_image(p), tokenizer.image_size))
-                for p in paths[first : first + batch_size]]
-        rows.append(tokenizer.img_to_codes(torch.stack(imgs).to(device)).indices.cpu().numpy().astype(np.int32))
-    return np.concatenate(rows), paths

@@ -28,7 +28,7 @@ import numpy as np
 from tokenflow_cli.data.shapes import detect_shapes, geneval_prompts, render_shapes_world
 from tokenflow_cli.eval.visual import save_png
 from tokenflow_cli.fileio import atomic_write_text
-from tokenflow_cli.generation.pipeline import generate_images
+from tokenflow_cli.generation.text_to_image import generate_images
 
 POSITION_THRESHOLD = 0.1  # GenEval's dead zone around the centre offset, per unit of box size
 

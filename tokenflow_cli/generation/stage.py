@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tokenflow_cli.data.text_tokenizer import train_bpe_tokenizer
+from tokenflow_cli.errors import UserError
 from tokenflow_cli.eval.visual import save_png, tile, to_uint8
 from tokenflow_cli.generation.config import GeneratorRecipe, attach_code_space
 from tokenflow_cli.generation.data import (
@@ -35,14 +36,20 @@ from tokenflow_cli.generation.data import (
     read_caption_table,
 )
 from tokenflow_cli.generation.model import RefineBlock, TextBatch, build_generator
-from tokenflow_cli.generation.pipeline import TEXT_TOKENIZER_DIR, PromptEncoder, load_text_tokenizer, write_run_files
+from tokenflow_cli.generation.prompts import PromptEncoder, load_text_tokenizer
+from tokenflow_cli.generation.run_folder import TEXT_TOKENIZER_DIR, write_run_files
 from tokenflow_cli.generation.sampling import get_schedule
 from tokenflow_cli.tokenizer.codes import read_codes_meta
-from tokenflow_cli.tokenizer.pipeline import check_codes_tokenizer, resolve_tokenizer, resolve_tokenizer_for_codes
+from tokenflow_cli.tokenizer.identity import check_codes_tokenizer, resolve_tokenizer_for_codes
+from tokenflow_cli.tokenizer.resolve import resolve_tokenizer
 from tokenflow_cli.train.fsdp import transformer_blocks
-from tokenflow_cli.train.loop import Stage, TrainData
+from tokenflow_cli.train.loop import Stage, TrainData, TrainResult, train
 
 EVAL_PROMPTS = 8  # captions drawn into RUN_DIR/samples/step-N.png at every eval
+
+
+class GeneratorDataError(UserError, ValueError):
+    """A generator recipe that names no captions or no codes/images to train on."""
 
 
 def _text_tokenizer(recipe: GeneratorRecipe, run_dir: Path):
@@ -69,14 +76,18 @@ class GeneratorStage(Stage):
         data = recipe.data
         if data.codes and not data.tokenizer:  # the tokenizer that made the codes
             first = codes_files(data.codes)[0]
-            resolved = resolve_tokenizer_for_codes(read_codes_meta(first), None, torch.device("cpu"), first)
+            image_tokenizer = resolve_tokenizer_for_codes(read_codes_meta(first), None, torch.device("cpu"), first)
         else:
-            resolved = resolve_tokenizer(data.tokenizer or None, torch.device("cpu"))
-        self.resolved_image_tokenizer = resolved
-        if resolved.random_init:
-            self._notes.append(f"image tokenizer is {resolved.source}: the generator learns meaningless codes")
-        self.image_tokenizer = resolved.tokenizer.eval().requires_grad_(False)
-        self.image_tokenizer_source = None if resolved.random_init else resolved.source
+            image_tokenizer = resolve_tokenizer(data.tokenizer or None, torch.device("cpu"))
+        if image_tokenizer.random_init:
+            self._notes.append(f"image tokenizer is {image_tokenizer.source}: the generator learns meaningless codes")
+        self.image_tokenizer = image_tokenizer.eval().requires_grad_(False)
+        self.image_tokenizer_source = None if image_tokenizer.random_init else image_tokenizer.source
+        if not data.captions or not (data.codes or data.images):  # before the text tokenizer or model
+            raise GeneratorDataError(
+                "train-generator needs captioned data: --set data.captions=CAPTIONS.jsonl (\"image\" + caption "
+                "fields, e.g. `tokenflow data shapes -o data/shapes` writes data/shapes/captions.jsonl) and "
+                "--set data.codes=CODES.npz (from `tokenflow tokenize`) or --set data.images=IMAGES")
         self.text_tokenizer = _text_tokenizer(recipe, Path(run_dir))
         cfg = recipe.model
         if not cfg.lm_path:
@@ -96,7 +107,7 @@ class GeneratorStage(Stage):
             write_run_files(self.run_dir, self.model, self.text_tokenizer, self.image_tokenizer_source)
         codes, self.captions, self.data_info = load_training_codes(self.recipe.data, self.image_tokenizer)
         if self.data_info["codes_meta"] is not None:
-            check_codes_tokenizer(self.data_info["codes_meta"], self.resolved_image_tokenizer, self.recipe.data.codes,
+            check_codes_tokenizer(self.data_info["codes_meta"], self.image_tokenizer, self.recipe.data.codes,
                                   self.data_info["scales"])
         if self.data_info["scales"] != tuple(self.model.scales):
             raise ValueError(f"codes have scales {self.data_info['scales']}, the generator {self.model.scales}")
@@ -198,3 +209,11 @@ class GeneratorStage(Stage):
         images = to_uint8(self.image_tokenizer.codes_to_img(idx))
         save_png(tile(images, ncols=len(prompts)), self.run_dir / "samples" / f"step-{step:08d}.png")
         return {"samples": float(len(prompts))}
+
+
+def train_generator(recipe: GeneratorRecipe, run_dir: str | Path, *, device: str = "auto", resume: bool = True,
+                    live: bool | None = True, time_limit_s: float | None = None) -> TrainResult:
+    """Build the generator stage for `recipe` and run the generic loop: the run folder
+    (generation/run_folder.py) loads with `TextToImage.from_pretrained(run_dir)`."""
+    return train(GeneratorStage(recipe, run_dir), recipe.train, run_dir, recipe=recipe, device=device,
+                 resume=resume, live=live, time_limit_s=time_limit_s)

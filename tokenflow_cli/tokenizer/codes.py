@@ -22,7 +22,7 @@ import numpy as np
 from tokenflow_cli.errors import UserError
 from tokenflow_cli.fileio import atomic_path
 from tokenflow_cli.tokenizer.scales import ScaleLayout
-from tokenflow_cli import __version__
+from tokenflow_cli.version import __version__
 
 SHARD_RE = re.compile(r"-(\d{5})-of-(\d{5})\.npz$")
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest zip date: member timestamps carry no information

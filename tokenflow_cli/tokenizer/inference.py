@@ -1,7 +1,7 @@
 """Fast tokenizer inference: one options object, one preparation step, one context.
 
     opts = InferenceOptions(dtype="bf16", compile=False)
-    tok = prepare_for_inference(load_tokenizer(path), opts)
+    tok = prepare_for_inference(TokenFlowTokenizer.from_pretrained(path), opts)
     with inference_context():
         codes = tok.img_to_codes(img_B3HW)     # indices: always searched in fp32
         img = tok.codes_to_img(codes)          # fp32 image, whatever the decoder runs in
@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from tokenflow_cli.device import dtype_of
-from tokenflow_cli.tokenizer.model import TokenFlowTokenizer
 
 # Parts cast to the inference dtype; `quantizer` (codebooks, search) is never among them.
 ENCODER_PARTS = ("pixel_encoder", "quant_conv", "semantic_encoder", "semantic_proj")
@@ -65,7 +64,7 @@ class InferenceOptions:
                 "channels_last": self.channels_last, "quantizer": "fp32"}  # fmt: skip
 
 
-def prepare_for_inference(tok: TokenFlowTokenizer, opts: InferenceOptions | None = None) -> TokenFlowTokenizer:
+def prepare_for_inference(tok: nn.Module, opts: InferenceOptions | None = None) -> nn.Module:
     """Ready `tok` for encode/decode in place (and return it): eval mode, no gradients, the
     networks in `opts.dtype` and NHWC, optionally compiled. Training it afterwards is not
     supported (rebuild or reload instead)."""
@@ -92,6 +91,6 @@ def inference_context() -> Iterator[None]:
         yield
 
 
-def options_of(tok: TokenFlowTokenizer) -> InferenceOptions:
+def options_of(tok: nn.Module) -> InferenceOptions:
     """The options `tok` was prepared with (fp32 defaults for an unprepared tokenizer)."""
     return getattr(tok, "inference_options", InferenceOptions())

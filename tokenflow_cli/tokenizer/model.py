@@ -6,26 +6,36 @@
                └─ pixel half ─ post_quant_conv ─ pixel decoder ─> image
 
 The frozen teacher is not part of this module (the training step owns it), so a checkpoint
-holds exactly what inference needs.
+holds exactly what inference needs. The public face (README "Python API"):
+
+    tok = TokenFlowTokenizer.from_pretrained()         # or a run folder, file, "toy", hub id
+    codes = tok.encode(images)                         # PIL / uint8 arrays / float tensors / paths
+    images = tok.decode(codes, output="pil")
+    tok.save_pretrained("runs/mine")                   # model.safetensors, config in its metadata
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
-from tokenflow_cli.checkpoint import load_state, require_kind, resolve_weights_path
-from tokenflow_cli.config import from_dict
+from tokenflow_cli.checkpoint import WEIGHTS_NAME, load_state, require_kind, resolve_weights_path, save_weights
+from tokenflow_cli.config import from_dict, to_dict
+from tokenflow_cli.pretrained import Pretrained, Provenance
 from tokenflow_cli.tokenizer.config import ModelConfig
+from tokenflow_cli.tokenizer.inference import InferenceOptions, prepare_for_inference
 from tokenflow_cli.tokenizer.pixel import PixelDecoder, PixelEncoder, downsample_factor
+from tokenflow_cli.tokenizer.preprocess import ImageInput, to_batch, to_pil
 from tokenflow_cli.tokenizer.quantizer import MultiScaleDualQuantizer
 from tokenflow_cli.tokenizer.scales import ScaleLayout
 from tokenflow_cli.tokenizer.semantic import SemanticEncoder
 from tokenflow_cli.tokenizer.semantic_decoder import SemanticDecoder, task_layer
+from tokenflow_cli.weights import DEFAULT_TOKENIZER
 
 
 def _weight_dtype(module: nn.Module) -> torch.dtype:
@@ -57,14 +67,27 @@ class TokenizerOutput:
     codes: MultiScaleCodes
 
 
-class TokenFlowTokenizer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+CodesLike = MultiScaleCodes | torch.Tensor  # or (B, L) indices as a tensor
+
+
+class TokenFlowTokenizer(nn.Module, Pretrained):
+    """The image tokenizer. `provenance` says where its weights came from (set by
+    `from_pretrained`; a model built from a config is random init); with
+    `towers_from_checkpoint` the semantic tower is built without its pretrained source, because
+    a checkpoint's weights replace it (loading needs no teacher file and never downloads)."""
+
+    defaults = DEFAULT_TOKENIZER
+
+    def __init__(self, cfg: ModelConfig, *, provenance: Provenance | None = None,
+                 towers_from_checkpoint: bool = False) -> None:
         super().__init__()
         self.config = cfg
+        self.provenance = provenance or Provenance.built(f"tokenizer {cfg.name}")
         q = cfg.quantizer
         self.pixel_encoder = PixelEncoder(cfg.pixel)
         self.quant_conv = nn.Conv2d(cfg.pixel.z_channels, q.pixel_dim, 1)
-        self.semantic_encoder = SemanticEncoder(cfg.semantic_encoder, cfg.image_size)
+        self.semantic_encoder = SemanticEncoder(cfg.semantic_encoder, cfg.image_size,
+                                                weights_from_checkpoint=towers_from_checkpoint)
         width = self.semantic_encoder.width
         self.semantic_proj = task_layer(width, width, q.semantic_dim)
         self.quantizer = MultiScaleDualQuantizer(q)
@@ -86,6 +109,19 @@ class TokenFlowTokenizer(nn.Module):
             )
 
     # ---- facts --------------------------------------------------------------------------
+
+    @property
+    def source(self) -> str:
+        """The weights file it was loaded from, or what was built (see `provenance`)."""
+        return self.provenance.source
+
+    @property
+    def random_init(self) -> bool:
+        return self.provenance.random_init
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
 
     @property
     def scales(self) -> tuple[int, ...]:
@@ -181,6 +217,70 @@ class TokenFlowTokenizer(nn.Module):
         """Generator inputs for scales 1..N-1: [(B, s_k^2, C)] (scale 0 gets the start token)."""
         return self.quantizer.next_scale_inputs(self._indices(codes), self.grid)
 
+    # ---- the front door: images in, codes, images and features out ---------------------------
+
+    def preprocess(self, images: ImageInput) -> torch.Tensor:
+        """PIL images, paths, uint8 (H, W, 3) arrays or float (3, H, W) tensors in [-1, 1] (one,
+        a list, or a batch) -> (B, 3, H, W) in [-1, 1] on the model's device: the official
+        resize of the short side and centre crop."""
+        return to_batch(images, self.image_size).to(self.device)
+
+    @torch.no_grad()
+    def encode(self, images: ImageInput) -> MultiScaleCodes:
+        """Images (anything `preprocess` takes) -> shared multi-scale indices (B, L)."""
+        return self.img_to_codes(self.preprocess(images))
+
+    @torch.no_grad()
+    def decode(self, codes: CodesLike, output: str = "tensor") -> torch.Tensor | list[Image.Image]:
+        """Codes (MultiScaleCodes, or (B, L) indices as a tensor or array) -> images: a float
+        (B, 3, H, W) tensor in about [-1, 1] (`output="tensor"`) or RGB PIL images ("pil")."""
+        if output not in ("tensor", "pil"):
+            raise ValueError(f"output must be 'tensor' or 'pil', got {output!r}")
+        img = self.codes_to_img(self._as_indices(codes)).float()
+        return to_pil(img) if output == "pil" else img
+
+    @torch.no_grad()
+    def features(self, codes: CodesLike, scales: str = "final") -> torch.Tensor | list[torch.Tensor]:
+        """Continuous code features: `scales="final"` the final quantized map (B, C, h, w) (the
+        understanding input: every scale's codes upsampled and summed), `"all"` each scale's code
+        vectors [(B, C, s, s)] coarse to fine. C = d_sem + d_pix, semantic channels first."""
+        idx_BL = self._as_indices(codes)
+        if scales == "final":
+            return self.codes_to_features(idx_BL)
+        if scales != "all":
+            raise ValueError(f"scales must be 'final' or 'all', got {scales!r}")
+        maps = MultiScaleCodes(idx_BL, self.scales).per_scale()
+        return [self.lookup_codes(m.flatten(1)).transpose(1, 2).reshape(len(m), -1, s, s)
+                for m, s in zip(maps, self.scales)]
+
+    def _as_indices(self, codes: CodesLike) -> torch.Tensor:
+        idx = torch.as_tensor(self._indices(codes) if isinstance(codes, MultiScaleCodes) else codes)
+        if idx.ndim != 2 or idx.shape[1] != self.num_tokens:
+            raise ValueError(f"codes must be (B, {self.num_tokens}) indices for scales {self.scales}; "
+                             f"got {tuple(idx.shape)}")
+        return idx.long().to(self.device)
+
+    # ---- loading and saving (one folder format: model.safetensors, the config in its metadata) ---
+
+    @classmethod
+    def _load(cls, path: Path, device: str | torch.device = "cpu", dtype: str | None = None) -> TokenFlowTokenizer:
+        """A tokenizer checkpoint (a .safetensors file or a run folder) rebuilt from its own
+        config; `dtype` (fp32 | bf16 | fp16) readies it for inference at that precision."""
+        weights = resolve_weights_path(path)
+        state, meta = load_state(weights, device="cpu")
+        cfg = from_dict(ModelConfig, require_kind(meta, weights, "tokenizer"), source=str(weights))
+        tok = cls(cfg, provenance=Provenance(str(weights)), towers_from_checkpoint=True)
+        tok.load_state_dict(state, strict=True)
+        tok = tok.to(device).eval()
+        return prepare_for_inference(tok, InferenceOptions(dtype=dtype)) if dtype else tok
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        self.save_checkpoint(Path(save_directory) / WEIGHTS_NAME)
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """The weights as one .safetensors file that rebuilds itself (the config in its metadata)."""
+        save_weights(self.state_dict(), Path(path), to_dict(self.config), kind="tokenizer")
+
     # ---- training / eval forward ----------------------------------------------------------
 
     def forward(self, img_B3HW: torch.Tensor, decode_semantic: bool = True) -> TokenizerOutput:
@@ -211,20 +311,6 @@ def build_tokenizer(cfg: ModelConfig) -> TokenFlowTokenizer:
     return TokenFlowTokenizer(cfg)
 
 
-def load_tokenizer(path_or_dir: str, device: str | torch.device = "cpu") -> TokenFlowTokenizer:
-    """Rebuild a tokenizer from a checkpoint alone (its config travels in the metadata).
-
-    The semantic tower is built without its pretrained source (the checkpoint carries the
-    trained weights), so loading needs no teacher file and never downloads.
-    """
-
-    path = resolve_weights_path(path_or_dir)
-    state, meta = load_state(path, device="cpu")
-    cfg = from_dict(ModelConfig, require_kind(meta, path, "tokenizer"), source=str(path))
-    build_cfg = dataclasses.replace(cfg, semantic_encoder=dataclasses.replace(cfg.semantic_encoder, pretrained=""))
-    tok = TokenFlowTokenizer(build_cfg)
-    tok.load_state_dict(state, strict=True)
-    tok.config = cfg
-    tok.semantic_encoder.random_init = False
-    tok.checkpoint_path = str(path)
-    return tok.to(device).eval()
+def load_tokenizer(path_or_dir: str | Path, device: str | torch.device = "cpu") -> TokenFlowTokenizer:
+    """A tokenizer checkpoint (file or run folder): `TokenFlowTokenizer.from_pretrained` for a path."""
+    return TokenFlowTokenizer.from_pretrained(Path(path_or_dir), device=device)

@@ -33,8 +33,9 @@ from tokenflow_cli.eval.fid import KID_SUBSETS, FeatureCache, FeatureSpec, fid_k
 from tokenflow_cli.eval.image_metrics import PSNR_PROTOCOL, SSIM_PROTOCOL, LpipsMetric, psnr, ssim
 from tokenflow_cli.eval.visual import grid, save_png, to_uint8
 from tokenflow_cli.fileio import file_sha256
+from tokenflow_cli.tokenizer.identity import tokenizer_id
 from tokenflow_cli.tokenizer.inference import InferenceOptions, inference_context, prepare_for_inference
-from tokenflow_cli.tokenizer.pipeline import ResolvedModel, tokenizer_id
+from tokenflow_cli.tokenizer.model import TokenFlowTokenizer
 from tokenflow_cli.tokenizer.usage_report import UsageCounts, quantize_views
 
 CROP = "short side resized to res, then centre crop res x res"
@@ -91,10 +92,9 @@ def from_model_output(decoded_BHW3: np.ndarray, res: int) -> np.ndarray:
 
 
 @inference_context()
-def _reconstruct_subset(resolved: ResolvedModel, subset: EvalSubset, out_dir: Path, opts: RfidOptions,
+def _reconstruct_subset(tok: TokenFlowTokenizer, subset: EvalSubset, out_dir: Path, opts: RfidOptions,
                         lpips: LpipsMetric, usage: UsageCounts, progress: Callable[[int, int], None]) -> _Pairs:
 
-    tok = resolved.tokenizer
     device = next(tok.parameters()).device
     orig_dir, rec_dir = out_dir / "originals" / subset.name, out_dir / "reconstructions" / subset.name
     for folder in (orig_dir, rec_dir):  # torch-fidelity reads whole folders: no stale PNGs
@@ -155,10 +155,9 @@ def _merge(parts: list[_Pairs]) -> _Pairs:
     return out
 
 
-def protocol(resolved: ResolvedModel, opts: RfidOptions, spec: FeatureSpec, lpips: LpipsMetric,
+def protocol(tok: TokenFlowTokenizer, opts: RfidOptions, spec: FeatureSpec, lpips: LpipsMetric,
              device: torch.device) -> dict:
 
-    tok = resolved.tokenizer
     resized = opts.res != tok.image_size
     lpips_info = {"label": lpips.label, "real_backbone": lpips.real_backbone, "backbone": lpips.backbone_path,
                   "backbone_sha256": file_sha256(lpips.backbone_path) if lpips.backbone_path else None,
@@ -188,13 +187,13 @@ def protocol(resolved: ResolvedModel, opts: RfidOptions, spec: FeatureSpec, lpip
     }
 
 
-def run_rfid(resolved: ResolvedModel, subsets: list[EvalSubset], out_dir: Path, spec: FeatureSpec,
+def run_rfid(tok: TokenFlowTokenizer, subsets: list[EvalSubset], out_dir: Path, spec: FeatureSpec,
              lpips: LpipsMetric, opts: RfidOptions, progress: ProgressFn | None = None) -> dict:
     """Reconstruct every subset, measure, and return the report (the caller writes it).
 
     The tokenizer is prepared in place for `opts.inference` (eval mode, its dtype, channels-last)."""
 
-    tok = prepare_for_inference(resolved.tokenizer, opts.inference)
+    tok = prepare_for_inference(tok, opts.inference)
     device = next(tok.parameters()).device
     out_dir = Path(out_dir)
     started = time.perf_counter()
@@ -208,7 +207,7 @@ def run_rfid(resolved: ResolvedModel, subsets: list[EvalSubset], out_dir: Path, 
                 share = usage.summary()["shared"]["overall"]["usage"] if usage.counts else 0.0
                 progress(base + n + failed, failed, share)
 
-        pairs = _reconstruct_subset(resolved, subset, out_dir, opts, lpips, usage, advance)
+        pairs = _reconstruct_subset(tok, subset, out_dir, opts, lpips, usage, advance)
         done += pairs.n + len(pairs.failures)
         for view, counts in usage.counts.items():
             total_usage.counts[view] = total_usage.counts.get(view, 0) + counts
@@ -242,7 +241,7 @@ def run_rfid(resolved: ResolvedModel, subsets: list[EvalSubset], out_dir: Path, 
 
     failures = [f for p, _ in per_subset.values() for f in p.failures]
     warnings = []
-    if resolved.random_init:
+    if tok.random_init:
         warnings.append("the tokenizer is RANDOMLY INITIALISED: these numbers say nothing about a trained model")
     if not spec.is_real_fid:
         warnings.append(f"distribution metrics use {spec.label}: they are NOT FID/KID and not comparable to papers")
@@ -250,9 +249,9 @@ def run_rfid(resolved: ResolvedModel, subsets: list[EvalSubset], out_dir: Path, 
         warnings.append(f"LPIPS: {lpips.unavailable or lpips.label}")
     return {
         "command": "tokenflow eval rfid",
-        "model": {**tokenizer_id(resolved), "resolution": tok.image_size, "codebook_size": tok.codebook_size,
+        "model": {**tokenizer_id(tok), "resolution": tok.image_size, "codebook_size": tok.codebook_size,
                   "scales": list(tok.scales)},
-        "protocol": protocol(resolved, opts, spec, lpips, device),
+        "protocol": protocol(tok, opts, spec, lpips, device),
         "data": {s.name: {"description": s.description, "files": len(s.paths)} for s in subsets},
         "counts": {"images": sum(p.n for p, _ in per_subset.values()), "failed": len(failures)},
         "results": results,

@@ -79,14 +79,18 @@ class SemanticEncoder(nn.Module):
         *,
         config_key: str = "model.semantic_encoder",
         keep_projection: bool = False,
+        weights_from_checkpoint: bool = False,
     ):
+        """`weights_from_checkpoint`: the tower's weights will be loaded from a checkpoint, so it
+        is built without its pretrained source (no teacher file needed, nothing downloads)."""
         super().__init__()
         self.config = cfg
         self.image_size = image_size
         self.backend = tower_backend(cfg.backend)
         self.normalize = input_norm(cfg.input_norm)
-        self.tower = self.backend.build(cfg, config_key, keep_projection)
-        self.random_init = not cfg.pretrained  # callers say so in their output
+        build_cfg = dataclasses.replace(cfg, pretrained="") if weights_from_checkpoint else cfg
+        self.tower = self.backend.build(build_cfg, config_key, keep_projection)
+        self.random_init = not (cfg.pretrained or weights_from_checkpoint)  # callers say so in their output
         self.width = self.backend.width(self.tower)
         self.patch_size = self.backend.patch_size(self.tower)
         self.native_grid = self.backend.native_grid(self.tower)

@@ -12,21 +12,23 @@ from tokenflow_cli.config import save_resolved
 from tokenflow_cli.data.sources import FileSource, ImageSource
 from tokenflow_cli.distributed import barrier, cleanup, init_distributed
 from tokenflow_cli.tokenizer.codes import merge_codes, shard_name
-from tokenflow_cli.tokenizer.pipeline import tokenize_paths
+from tokenflow_cli.tokenizer.model import TokenFlowTokenizer
 from tokenflow_cli.tokenizer.shards import ShardRunError
+from tokenflow_cli.tokenizer.tokenize import tokenize_paths
 
 
 def tokenize_distributed(
-    resolved, source: ImageSource, output: Path, batch_size: int, workers: int, strict: bool, progress=None
+    tok: TokenFlowTokenizer, source: ImageSource, output: Path, batch_size: int, workers: int, strict: bool,
+    progress=None,
 ):
     """One process: tokenize straight into `output`. Under torchrun: rank r takes paths[r::W],
     writes its shard, and rank 0 merges the shards into `output` (and removes them).
     Returns the result on rank 0 (failures and counts summed over ranks), None elsewhere."""
-    device_type = next(resolved.tokenizer.parameters()).device.type
+    device_type = tok.device.type
     info = init_distributed(device_type)
     if not info.enabled:
-        result = tokenize_paths(resolved, source, output, batch_size, workers, strict, progress)
-        _write_recipe_beside(resolved, output)
+        result = tokenize_paths(tok, source, output, batch_size, workers, strict, progress)
+        _write_recipe_beside(tok, output)
         return result
     if not isinstance(source, FileSource):
         cleanup()
@@ -34,7 +36,7 @@ def tokenize_distributed(
     paths = source.paths
     shard = shard_name(output, info.rank, info.world_size)
     result = tokenize_paths(
-        resolved,
+        tok,
         paths[info.rank :: info.world_size],
         shard,
         batch_size,
@@ -49,14 +51,14 @@ def tokenize_distributed(
     try:
         if not info.is_main:
             return None
-        return _merge_on_main(resolved, output, result, gathered, info.world_size)
+        return _merge_on_main(tok, output, result, gathered, info.world_size)
     finally:
         # every rank leaves the group cleanly: exiting with live gloo threads can abort
         barrier()
         cleanup()
 
 
-def _merge_on_main(resolved, output: Path, result, gathered: list, world: int):
+def _merge_on_main(tok: TokenFlowTokenizer, output: Path, result, gathered: list, world: int):
     shards = [shard_name(output, r, world) for r in range(world)]
     merged = merge_codes(shards, output, delete=True)
     result.output = Path(output)
@@ -64,12 +66,12 @@ def _merge_on_main(resolved, output: Path, result, gathered: list, world: int):
     result.failures = [f for _, fails, _ in gathered for f in fails]
     result.n_failed = len(result.failures)
     result.seconds = max(s for _, _, s in gathered)
-    _write_recipe_beside(resolved, output)
-    K = resolved.tokenizer.codebook_size
+    _write_recipe_beside(tok, output)
+    K = tok.codebook_size
     result.usage_share = len(np.unique(merged.indices)) / K if len(merged) else 0.0
     return result
 
 
-def _write_recipe_beside(resolved, output: Path) -> None:
-    """codes.npz -> codes.recipe.yaml: the resolved tokenizer recipe next to the output."""
-    save_resolved(resolved.tokenizer.config, Path(output).with_suffix(".recipe.yaml"))
+def _write_recipe_beside(tok: TokenFlowTokenizer, output: Path) -> None:
+    """codes.npz -> codes.recipe.yaml: the tokenizer's resolved recipe next to the output."""
+    save_resolved(tok.config, Path(output).with_suffix(".recipe.yaml"))

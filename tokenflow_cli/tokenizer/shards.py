@@ -26,6 +26,8 @@ from tokenflow_cli.data.sources import ImageSource, SourceItem, chunked
 from tokenflow_cli.distributed import barrier, cleanup, init_distributed
 from tokenflow_cli.errors import UserError
 from tokenflow_cli.tokenizer.codes import read_codes_meta, write_codes
+from tokenflow_cli.tokenizer.encode import encode_batches
+from tokenflow_cli.tokenizer.identity import codes_meta, tokenizer_id
 from tokenflow_cli.tokenizer.manifest import (
     Manifest,
     check_same_run,
@@ -34,7 +36,8 @@ from tokenflow_cli.tokenizer.manifest import (
     shard_path,
     write_manifest,
 )
-from tokenflow_cli.tokenizer.pipeline import ProgressFn, ResolvedModel, codes_meta, encode_batches, tokenizer_id
+from tokenflow_cli.tokenizer.model import TokenFlowTokenizer
+from tokenflow_cli.tokenizer.tokenize import ProgressFn
 
 
 class ShardRunError(UserError, ValueError):
@@ -84,25 +87,23 @@ def _shard_is_done(path: Path, index: int, digest: str, identity: dict, manifest
 
 
 @torch.no_grad()
-def _encode_shard(resolved: ResolvedModel, index: int, items: list[SourceItem], path: Path, digest: str,
+def _encode_shard(tok: TokenFlowTokenizer, index: int, items: list[SourceItem], path: Path, digest: str,
                   batch_size: int, pool: ThreadPoolExecutor | None, strict: bool,
                   hit: torch.Tensor, on_batch) -> tuple[int, list[tuple[str, str]]]:
-    tok = resolved.tokenizer
     rows, keys, failures = [], [], []
     for batch in encode_batches(tok, chunked(items, batch_size), strict, pool, hit):  # cut from the shard's start
         rows.append(batch.indices)
         keys.extend(batch.keys)
         failures.extend(batch.failures)
         on_batch(len(batch.keys), len(batch.failures))
-    meta = {**codes_meta(resolved, failures), "failed_items": [list(f) for f in failures],
+    meta = {**codes_meta(tok, failures), "failed_items": [list(f) for f in failures],
             "shard_index": index, "input_keys_sha256": digest}
     write_codes(path, np.concatenate(rows), tok.scales, keys, meta)
     return len(keys), failures
 
 
-def run_identity(resolved: ResolvedModel, source: ImageSource, shard_size: int) -> dict:
-    tid = tokenizer_id(resolved)
-    tok = resolved.tokenizer
+def run_identity(tok: TokenFlowTokenizer, source: ImageSource, shard_size: int) -> dict:
+    tid = tokenizer_id(tok)
     return {
         "inputs": source.identity(),
         "tokenizer": {"source": tid["tokenizer_source"], "sha256": tid.get("tokenizer_sha256"),
@@ -113,7 +114,7 @@ def run_identity(resolved: ResolvedModel, source: ImageSource, shard_size: int) 
     }
 
 
-def tokenize_to_shards(resolved: ResolvedModel, source: ImageSource, out_dir: Path, shard_size: int,
+def tokenize_to_shards(tok: TokenFlowTokenizer, source: ImageSource, out_dir: Path, shard_size: int,
                        batch_size: int = 16, workers: int = 0, strict: bool = False, resume: bool = False,
                        progress: ProgressFn | None = None) -> ShardRunResult | None:
     """Tokenize `source` into `out_dir` shard by shard; returns the result on rank 0 (None on
@@ -121,12 +122,12 @@ def tokenize_to_shards(resolved: ResolvedModel, source: ImageSource, out_dir: Pa
     if shard_size < 1:
         raise ShardRunError(f"--shard-size must be >= 1, got {shard_size}")
     out_dir = Path(out_dir)
-    identity = run_identity(resolved, source, shard_size)
-    info = init_distributed(next(resolved.tokenizer.parameters()).device.type)
+    identity = run_identity(tok, source, shard_size)
+    info = init_distributed(tok.device.type)
     try:
         manifest = _start(out_dir, identity, resume, info.is_main)
         barrier()
-        result, hit = _run_rank(resolved, source, out_dir, manifest, identity, batch_size, workers, strict,
+        result, hit = _run_rank(tok, source, out_dir, manifest, identity, batch_size, workers, strict,
                                 info.rank, info.world_size, progress if info.is_main else None)
         return _finish(out_dir, identity, result, hit, info)
     finally:
@@ -148,9 +149,8 @@ def _start(out_dir: Path, identity: dict, resume: bool, is_main: bool) -> Manife
     return manifest
 
 
-def _run_rank(resolved, source, out_dir, manifest, identity, batch_size, workers, strict, rank, world, progress):
-    hit = torch.zeros(resolved.tokenizer.codebook_size, dtype=torch.bool, device=next(
-        resolved.tokenizer.parameters()).device)
+def _run_rank(tok, source, out_dir, manifest, identity, batch_size, workers, strict, rank, world, progress):
+    hit = torch.zeros(tok.codebook_size, dtype=torch.bool, device=tok.device)
     result = ShardRunResult(out_dir)
     done = {"images": 0, "failed": 0}
 
@@ -172,7 +172,7 @@ def _run_rank(resolved, source, out_dir, manifest, identity, batch_size, workers
                 result.shards_skipped += 1
                 on_batch(0, 0)
                 continue
-            n, failures = _encode_shard(resolved, index, items, path, digest, batch_size, pool, strict, hit, on_batch)
+            n, failures = _encode_shard(tok, index, items, path, digest, batch_size, pool, strict, hit, on_batch)
             result.n_images += n
             result.failures.extend(failures)
             result.shards_written += 1

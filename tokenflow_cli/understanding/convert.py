@@ -35,7 +35,6 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer
 
-from tokenflow_cli import __version__
 from tokenflow_cli.checkpoint import read_metadata, resolve_weights_path, save_weights
 from tokenflow_cli.config import to_dict
 from tokenflow_cli.data.text_tokenizer import add_special_tokens
@@ -62,6 +61,7 @@ from tokenflow_cli.understanding.official import (
     lm_config_dict,
     plan_conversion,
 )
+from tokenflow_cli.version import __version__
 
 IMAGE_TOKENIZER_NAME = "image_tokenizer.safetensors"  # the tokenizer the model runs, inside the folder
 GIVEN_TOKENIZER_NAME = "given_tokenizer.safetensors"  # an official .pt given, converted (kept when it overrides)

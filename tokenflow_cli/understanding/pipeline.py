@@ -1,82 +1,141 @@
-"""Loading a finetuned understanding model with the frozen tokenizer it was trained on
-(what `ask` and `eval vqa` share).
+"""Understanding: a finetuned LLaVA-style model with the frozen image tokenizer it reads images
+through (what `ask` and `eval vqa` share).
 
-A saved model folder records the tokenizer it was trained on (`tokenizer_source`, and its
-sha256 when it was a file); `--tokenizer` replaces it, e.g. after moving the files. The LM loads
-in the precision the model records (`llm_dtype`: bf16 for a converted release) unless `dtype`
-names another; the projector and the visual features stay fp32.
+    vlm = Understanding.from_pretrained()                # or a model / finetune run folder, "toy"
+    vlm.ask(image, "What colour is the circle?")         # one answer
+    vlm.ask_batch(images, questions)                     # one answer per (image, question)
+    vlm.save_pretrained("runs/llava")                    # the model folder + its image tokenizer
+
+A model folder records the tokenizer it was trained on (`tokenizer_source`, and its sha256 when
+it was a file); `tokenizer=` replaces it, e.g. after moving the files. The LM loads in the
+precision the model records (`llm_dtype`: bf16 for a converted release) unless `dtype` names
+another; the projector and the visual features stay fp32.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
+from tokenflow_cli.data.images import load_image, to_tensor_pm1
 from tokenflow_cli.device import dtype_of
 from tokenflow_cli.fileio import file_sha256
-from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer
+from tokenflow_cli.pretrained import Pretrained
+from tokenflow_cli.tokenizer.model import TokenFlowTokenizer
+from tokenflow_cli.tokenizer.resolve import resolve_tokenizer
 from tokenflow_cli.understanding.build import locate_llava
-from tokenflow_cli.understanding.data import load_llava_image
+from tokenflow_cli.understanding.data import pad_to_square
 from tokenflow_cli.understanding.features import TokenizerFeatures, build_feature_source
 from tokenflow_cli.understanding.model import LLAVA_JSON, LlavaModel
 from tokenflow_cli.weights import DEFAULT_LLAVA
 
+IMAGE_TOKENIZER_NAME = "image_tokenizer.safetensors"  # the tokenizer copy `save_pretrained` writes
+AskImage = Image.Image | str | Path | np.ndarray
 
-@dataclass
-class Understanding:
-    model: LlavaModel
-    features: TokenizerFeatures
-    model_dir: Path
-    tokenizer_source: str
-    dtype: str  # the LM's precision: fp32 | bf16 | fp16
-    warnings: list[str] = field(default_factory=list)  # to be shown: random init, hash mismatch
+
+def llava_input(image: AskImage, size: int) -> torch.Tensor:
+    """An image (PIL, path or uint8 (H, W, 3) array) -> (3, size, size) in [-1, 1], padded to
+    square first (LLaVA's `pad` aspect mode)."""
+    if isinstance(image, (str, Path)):
+        image = load_image(image)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    img = pad_to_square(image.convert("RGB"))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    return to_tensor_pm1(img)
+
+
+class Understanding(Pretrained):
+    """The LLaVA model and its visual feature source (the frozen image tokenizer)."""
+
+    defaults = DEFAULT_LLAVA
+
+    def __init__(self, model: LlavaModel, features: TokenizerFeatures, model_dir: Path | None = None,
+                 dtype: str = "fp32", warnings: list[str] | None = None) -> None:
+        self.model = model
+        self.features = features
+        self.model_dir = model_dir  # the folder it was loaded from (None: built in memory)
+        self.dtype = dtype  # the LM's precision: fp32 | bf16 | fp16
+        self.warnings = list(warnings or [])  # to be shown: random init, hash mismatch
+
+    @property
+    def tokenizer(self) -> TokenFlowTokenizer:
+        """The image tokenizer."""
+        return self.features.tokenizer
+
+    @property
+    def text_tokenizer(self):
+        return self.model.text_tokenizer
+
+    @property
+    def tokenizer_source(self) -> str:
+        return self.tokenizer.source
 
     @torch.no_grad()
-    def visual_tokens(self, image_paths: list[str | Path]) -> torch.Tensor:
-        """Image files -> (B, N, C) features on the model's device."""
-
+    def visual_tokens(self, images: Sequence[AskImage]) -> torch.Tensor:
+        """Images (paths, PIL images or uint8 arrays) -> (B, N, C) features on the model's device."""
         device = next(self.model.parameters()).device
-        images = [load_llava_image(p, self.features.image_size) for p in image_paths]
-        return self.features(torch.stack(images).to(device))
+        return self.features(torch.stack([llava_input(img, self.features.image_size) for img in images]).to(device))
 
+    def ask(self, image: AskImage, question: str, max_new_tokens: int = 128, temperature: float = 0.0,
+            seed: int = 0) -> str:
+        """The answer to one question about one image (greedy at temperature 0)."""
+        return self.ask_batch([image], [question], max_new_tokens, temperature, seed)[0]
 
-def load_understanding(
-    model: str | Path | None, device: torch.device, tokenizer: str | None = None, dtype: str = "auto"
-) -> Understanding:
-    """The model (`model`, else the default one) with its feature source, on `device`; `dtype`
-    "auto" keeps the model's recorded precision."""
-    found = Path(model) if model else DEFAULT_LLAVA.find()
-    if found is None:
-        looked = ", ".join(str(p) for p in DEFAULT_LLAVA.candidates())
-        raise FileNotFoundError(
-            f"no understanding model (looked at {looked}): pass --model (a model or finetune run folder) "
-            "or set TOKENFLOW_LLAVA; train one with `tokenflow finetune-llava`"
-        )
-    model_dir, weights = locate_llava(found)
-    info = json.loads((model_dir / LLAVA_JSON).read_text())
-    dtype = info.get("config", {}).get("llm_dtype", "fp32") if dtype == "auto" else dtype
-    llava = LlavaModel.from_pretrained(model_dir, dtype=dtype_of(dtype), weights=weights).to(device).eval()
-    source = tokenizer or llava.extra.get("tokenizer_source", "")
-    if source and not tokenizer and (model_dir / source).is_file():  # a converted folder's own copy
-        source = str(model_dir / source)
-    warnings = []
-    if not source:
-        warnings.append("the model names no tokenizer; using the default one")
-    resolved = resolve_tokenizer(source or None, device)
-    if resolved.random_init:
-        warnings.append(f"tokenizer {resolved.source}: RANDOM INIT, answers are meaningless")
-    expected = llava.extra.get("tokenizer_sha256")
-    if expected and Path(resolved.source).is_file() and file_sha256(resolved.source) != expected:
-        warnings.append(f"tokenizer {resolved.source} differs from the one the model was trained on")
-    features = build_feature_source(resolved.tokenizer, llava.config.features, llava.config.feature_grid)
-    if (features.num_tokens, features.feature_dim) != (llava.num_visual_tokens, llava.feature_dim):
-        raise ValueError(
-            f"tokenizer {resolved.source} gives {features.num_tokens} x {features.feature_dim} "
-            f"{llava.config.features} tokens; the model expects {llava.num_visual_tokens} x {llava.feature_dim}"
-        )
-    if getattr(features.teacher, "random_init", False):
-        warnings.append("teacher features come from a RANDOM INIT teacher")
-    return Understanding(llava, features, model_dir, resolved.source, dtype, warnings)
+    @torch.no_grad()
+    def ask_batch(self, images: Sequence[AskImage], questions: Sequence[str], max_new_tokens: int = 128,
+                  temperature: float = 0.0, seed: int = 0) -> list[str]:
+        """One answer per (image, question) pair, in one batch; sampling (temperature > 0) draws
+        from a torch.Generator seeded with `seed`."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        visual_BNC = self.visual_tokens(images)
+        generator = torch.Generator(visual_BNC.device).manual_seed(seed) if temperature > 0 else None
+        return self.model.answer(visual_BNC, list(questions), max_new_tokens, temperature, generator)
+
+    # ---- loading and saving ------------------------------------------------------------------
+
+    @classmethod
+    def _load(cls, path: Path, device: torch.device | str = "cpu", dtype: str = "auto",
+              tokenizer: str | None = None) -> Understanding:
+        """A model folder or finetune run folder with its image tokenizer (`tokenizer` overrides
+        the one the model names), on `device`; `dtype` "auto" keeps the recorded precision."""
+        model_dir, weights = locate_llava(path)
+        info = json.loads((model_dir / LLAVA_JSON).read_text())
+        dtype = info.get("config", {}).get("llm_dtype", "fp32") if dtype == "auto" else dtype
+        llava = LlavaModel.from_pretrained(model_dir, dtype=dtype_of(dtype), weights=weights).to(device).eval()
+        source = tokenizer or llava.extra.get("tokenizer_source", "")
+        if source and not tokenizer and (model_dir / source).is_file():  # the folder's own copy
+            source = str(model_dir / source)
+        warnings = [] if source else ["the model names no tokenizer; using the default one"]
+        tok = resolve_tokenizer(source or None, device)
+        if tok.random_init:
+            warnings.append(f"tokenizer {tok.source}: RANDOM INIT, answers are meaningless")
+        expected = llava.extra.get("tokenizer_sha256")
+        if expected and Path(tok.source).is_file() and file_sha256(tok.source) != expected:
+            warnings.append(f"tokenizer {tok.source} differs from the one the model was trained on")
+        features = build_feature_source(tok, llava.config.features, llava.config.feature_grid)
+        if (features.num_tokens, features.feature_dim) != (llava.num_visual_tokens, llava.feature_dim):
+            raise ValueError(
+                f"tokenizer {tok.source} gives {features.num_tokens} x {features.feature_dim} "
+                f"{llava.config.features} tokens; the model expects {llava.num_visual_tokens} x {llava.feature_dim}"
+            )
+        if getattr(features.teacher, "random_init", False):
+            warnings.append("teacher features come from a RANDOM INIT teacher")
+        return cls(llava, features, model_dir, dtype, warnings)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The model folder (LM, text tokenizer, projector, llava.json) with a copy of the image
+        tokenizer, which llava.json names: the folder answers on its own."""
+        folder = Path(save_directory)
+        self.model.save_pretrained(folder, atomic=False)
+        self.tokenizer.save_checkpoint(folder / IMAGE_TOKENIZER_NAME)
+        info = json.loads((folder / LLAVA_JSON).read_text())
+        info.update(tokenizer_source=IMAGE_TOKENIZER_NAME, tokenizer_sha256=file_sha256(folder / IMAGE_TOKENIZER_NAME))
+        (folder / LLAVA_JSON).write_text(json.dumps(info, indent=2))

@@ -18,7 +18,8 @@ import torch
 from tokenflow_cli.checkpoint import WEIGHTS_NAME, load_state
 from tokenflow_cli.config import ConfigError
 from tokenflow_cli.distributed import barrier
-from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, tokenizer_id
+from tokenflow_cli.tokenizer.identity import tokenizer_id
+from tokenflow_cli.tokenizer.resolve import resolve_tokenizer
 from tokenflow_cli.train.fsdp import is_sharded, transformer_blocks
 from tokenflow_cli.train.loop import Stage, TrainData, TrainResult, train
 from tokenflow_cli.train.parallel import enable_activation_checkpointing
@@ -51,10 +52,10 @@ class LlavaStage(Stage):
             raise ConfigError(f"data.train{' (or data.pretrain)' if stage == 1 else ''}: no conversation file set")
         self.records = read_records(data_path, d.image_root)
         self.val_records = read_records(d.val, d.image_root)[: d.val_limit] if d.val else []
-        resolved = resolve_tokenizer(m.tokenizer or None, torch.device("cpu"))
-        self.tokenizer_random_init = resolved.random_init
-        self.source = build_feature_source(resolved.tokenizer, m.features, m.feature_grid)
-        self.extra = {**tokenizer_id(resolved), "stage": stage, "data": str(data_path)}
+        tok = resolve_tokenizer(m.tokenizer or None, torch.device("cpu"))
+        self.tokenizer_random_init = tok.random_init
+        self.source = build_feature_source(tok, m.features, m.feature_grid)
+        self.extra = {**tokenizer_id(tok), "stage": stage, "data": str(data_path)}
         run_dir = Path(run_dir)
         torch.manual_seed(recipe.train.seed)  # the same fresh LM on every rank
         if resume and latest_checkpoint(run_dir) is not None:  # rebuilt as saved; the loop loads the weights

@@ -1,0 +1,49 @@
+"""Model options and loaders shared by several commands (`generate` and `eval geneval` load a
+generator the same way), so command modules never import each other."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tokenflow_cli.cli.common import console, fail, positive, quiet_transformers
+
+GenModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Generator run folder or checkpoint (default: the demo's generator, "
+                 "$TOKENFLOW_GENERATOR or ~/.cache/tokenflow/generator)."),
+]
+ImageTokenizerOpt = Annotated[
+    str | None, typer.Option("--tokenizer", help="Image tokenizer to use instead of the one the run names.")
+]
+CfgOpt = Annotated[float | None, typer.Option("--cfg", min=0.0, help="Guidance at the last scale (ramps linearly "
+                   "from 0; default: the model's, 7.5 for a converted official model, else 3).")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", callback=positive, help="Softmax temperature (> 0).")]
+GenBatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
+
+
+def load_generator_for_cli(model: str | None, tokenizer: str | None, device: str, dtype: str | None = None):
+    """The `TextToImage` pipeline `--model` names (or the default), announced on the console."""
+    from tokenflow_cli.device import resolve_device
+    from tokenflow_cli.generation.text_to_image import resolve_generator
+
+    quiet_transformers()
+    try:
+        pipe = resolve_generator(model, resolve_device(device), tokenizer, dtype)
+    except (FileNotFoundError, ValueError) as err:
+        raise fail(str(err)) from None
+    note = " [bold yellow](random init: outputs are meaningless)[/]" if pipe.random_init else ""
+    cfg = pipe.model.config
+    console.print(f"generator: [cyan]{pipe.source}[/]{note}\n  {cfg.name}: {cfg.lm_arch}, "
+                  f"{str(pipe.dtype).removeprefix('torch.')}, next-scale inputs {cfg.next_scale_input}, "
+                  f"multi-step {cfg.multi_step}, text layout {cfg.text_layout}\n"
+                  f"image tokenizer: [cyan]{pipe.tokenizer_source}[/]", highlight=False)
+    return pipe
+
+
+def open_count_bar(label: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, disable=not console.is_terminal)
