@@ -1,5 +1,6 @@
-"""A regular (non-editable) install works: the wheel built from this checkout carries every
-recipe and every asset file (nested folders included), declares its license as an SPDX
+"""A regular (non-editable) install works: the wheel built from this checkout (distribution
+`tokenflow-toolkit`) carries every package, every recipe of the top-level recipes/ folder (as
+tokenflow_cli/recipes) and every asset file (nested folders included), declares its license as an SPDX
 expression without setuptools' deprecation warning, and, installed into a fresh virtual
 environment, its `tokenflow` command trains from a folder that is not the repository.
 
@@ -35,10 +36,20 @@ pytestmark = [
 
 
 def shipped_files() -> list[str]:
-    """Data files the package must carry, relative to tokenflow_cli/: recipes/*.yaml and all of assets/."""
-    out = [p for p in SOURCE.glob("recipes/*.yaml")]
-    out += [p for p in (SOURCE / "assets").rglob("*") if p.is_file() and "__pycache__" not in p.parts]
-    return sorted(p.relative_to(SOURCE).as_posix() for p in out)
+    """Data files the package must carry, relative to tokenflow_cli/ in the wheel: recipes/*.yaml
+    (from the top-level recipes/ folder) and all of assets/."""
+    out = [f"recipes/{p.name}" for p in (REPO / "recipes").glob("*.yaml")]
+    out += [p.relative_to(SOURCE).as_posix() for p in (SOURCE / "assets").rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts]
+    return sorted(out)
+
+
+def test_pyproject_lists_every_package():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in SOURCE.rglob("__init__.py")}
+    assert found | {"tokenflow_cli.recipes"} == listed
 
 
 def run(cmd: list, cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -66,10 +77,11 @@ def installed(tmp_path_factory):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, src / name)
     shutil.copytree(SOURCE, src / "tokenflow_cli", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+    shutil.copytree(REPO / "recipes", src / "recipes")
     dist = root / "dist"
     built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                  "-w", dist, src], cwd=root, env=env)
-    wheels = list(dist.glob("tokenflow_cli-*.whl"))
+    wheels = list(dist.glob("tokenflow_toolkit-*.whl"))
     assert len(wheels) == 1, built.stdout
 
     # A fresh venv without pip; this interpreter's site-packages come after its own.

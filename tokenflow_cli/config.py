@@ -28,7 +28,10 @@ from tokenflow_cli.fileio import atomic_write_text
 T = TypeVar("T")
 
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # built-in recipes, shipped in the package
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# built-in recipes: the top-level recipes/ folder of a checkout, shipped in a wheel as tokenflow_cli/recipes
+RECIPES_DIR = next((d for d in (_PACKAGE_DIR / "recipes", _PACKAGE_DIR.parent / "recipes") if d.is_dir()),
+                   _PACKAGE_DIR / "recipes")
 
 
 class ConfigError(UserError, ValueError):

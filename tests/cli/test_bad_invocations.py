@@ -110,6 +110,8 @@ def _cases(w: World) -> dict[str, tuple[list, list[str]]]:
         "tokenize: output is a folder": (["tokenize", w.images, "-o", w.root / "run", *tok], ["is a folder"]),
         "tokenize: no readable image": (["tokenize", w.root / "badlist.txt", "-o", kept, *tok],
                                         ["none of the 2 inputs", "bad.png"]),
+        "reconstruct: no readable image": (["reconstruct", w.root / "badlist.txt", "-o", w.fresh.parent, *tok],
+                                           ["none of the 2 inputs", "bad.png"]),
         "tokenize: --strict and one bad image": (["tokenize", w.root / "badlist.txt", "-o", kept, "--strict", *tok],
                                                  ["bad.png"]),
         "tokenize: --resume without --shard-size": (["tokenize", w.images, "-o", kept, "--resume", *tok],

@@ -106,7 +106,7 @@ class Understanding(Pretrained):
               tokenizer: str | None = None) -> Understanding:
         """A model folder or finetune run folder with its image tokenizer (`tokenizer` overrides
         the one the model names), on `device`; `dtype` "auto" keeps the recorded precision."""
-        model_dir, weights = locate_llava(path)
+        model_dir, weights = locate_llava(path.parent if path.is_file() else path)  # llava.json names its folder
         info = json.loads((model_dir / LLAVA_JSON).read_text())
         dtype = info.get("config", {}).get("llm_dtype", "fp32") if dtype == "auto" else dtype
         llava = LlavaModel.from_pretrained(model_dir, dtype=dtype_of(dtype), weights=weights).to(device).eval()
