@@ -46,7 +46,7 @@ def vqa_cmd(
 ) -> None:
     """Exact match after normalisation, per question type, plus MME-style yes/no acc and acc+
     (greedy, with the model folder's repetition penalty, as the release's lmms-eval runs)."""
-    from tokenflow_cli.cli.understanding_cmd import load_for_inference, precision_name, use_decoding
+    from tokenflow_cli.cli.models import load_for_inference, precision_name, use_decoding
     from tokenflow_cli.fileio import atomic_write_text
     from tokenflow_cli.understanding.vqa import answer_questions, is_yes_no, load_vqa_items, score_vqa
 

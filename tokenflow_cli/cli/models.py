@@ -1,5 +1,6 @@
 """Model options and loaders shared by several commands (`generate` and `eval geneval` load a
-generator the same way), so command modules never import each other."""
+generator the same way, `ask` and `eval vqa` an understanding model), so command modules never
+import each other."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from tokenflow_cli.cli.common import console, fail, positive, quiet_transformers
+from tokenflow_cli.cli.common import console, err_console, fail, positive, quiet_transformers
 
 GenModelOpt = Annotated[
     str | None,
@@ -47,3 +48,32 @@ def open_count_bar(label: str):
 
     return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     console=console, disable=not console.is_terminal)
+
+
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
+
+
+def precision_name(value: str | None) -> str | None:
+    """Option callback: auto or a precision name (checked at parse time, torch not imported)."""
+    if value is not None and value not in ("auto", *PRECISION_NAMES):
+        raise typer.BadParameter(f"{value!r} is not one of auto, {', '.join(PRECISION_NAMES)}")
+    return value
+
+
+def load_for_inference(model: str | None, tokenizer: str | None, device: str, dtype: str = "auto"):
+    from tokenflow_cli.device import resolve_device
+    from tokenflow_cli.understanding.pipeline import Understanding
+
+    quiet_transformers()
+    try:
+        loaded = Understanding.from_pretrained(model, device=resolve_device(device), tokenizer=tokenizer, dtype=dtype)
+    except (FileNotFoundError, ValueError) as err:
+        raise fail(str(err)) from None
+    for warning in loaded.warnings:
+        err_console.print(f"[bold yellow]warning:[/] {warning}")
+    return loaded
+
+
+def use_decoding(loaded, repetition_penalty: float | None) -> None:
+    """The folder's decoding settings (generation_config.json), with the options given."""
+    loaded.model.decoding = loaded.model.decoding.override(repetition_penalty=repetition_penalty)

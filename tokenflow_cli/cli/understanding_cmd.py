@@ -23,6 +23,7 @@ from tokenflow_cli.cli.common import (
     fail,
     quiet_transformers,
 )
+from tokenflow_cli.cli.models import load_for_inference, precision_name, use_decoding
 from tokenflow_cli.cli.training import run_training
 
 LlavaModelOpt = Annotated[
@@ -37,16 +38,6 @@ LlavaModelOpt = Annotated[
 TokenizerOpt = Annotated[
     str | None, typer.Option("--tokenizer", help="Tokenizer checkpoint to use instead of the one the model names.")
 ]
-PRECISION_NAMES = ("fp32", "bf16", "fp16")
-
-
-def precision_name(value: str | None) -> str | None:
-    """Option callback: auto or a precision name (checked at parse time, torch not imported)."""
-    if value is not None and value not in ("auto", *PRECISION_NAMES):
-        raise typer.BadParameter(f"{value!r} is not one of auto, {', '.join(PRECISION_NAMES)}")
-    return value
-
-
 RepetitionPenaltyOpt = Annotated[
     float | None,
     typer.Option("--repetition-penalty", min=1e-6,
@@ -60,25 +51,6 @@ LlmDtypeOpt = Annotated[
         help="LLM weights: auto (the precision the model records, bf16 for a converted release) | fp32 | bf16 | fp16.",
     ),
 ]
-
-
-def load_for_inference(model: str | None, tokenizer: str | None, device: str, dtype: str = "auto"):
-    from tokenflow_cli.device import resolve_device
-    from tokenflow_cli.understanding.pipeline import Understanding
-
-    quiet_transformers()
-    try:
-        loaded = Understanding.from_pretrained(model, device=resolve_device(device), tokenizer=tokenizer, dtype=dtype)
-    except (FileNotFoundError, ValueError) as err:
-        raise fail(str(err)) from None
-    for warning in loaded.warnings:
-        err_console.print(f"[bold yellow]warning:[/] {warning}")
-    return loaded
-
-
-def use_decoding(loaded, repetition_penalty: float | None) -> None:
-    """The folder's decoding settings (generation_config.json), with the options given."""
-    loaded.model.decoding = loaded.model.decoding.override(repetition_penalty=repetition_penalty)
 
 
 def inference_settings(loaded, **sampling) -> dict:
