@@ -243,7 +243,20 @@ def build_pair(layout: str, seed: int = 0) -> tuple[SD, TokenFlowTokenizer]:
     with torch.device("meta"):
         tok = build_tokenizer(cfg)
     tok.load_state_dict(ours, strict=True, assign=True)
+    _materialize_meta_buffers(tok, cfg)
     return official, tok.eval()
+
+
+def _materialize_meta_buffers(tok: TokenFlowTokenizer, cfg) -> None:
+    """Non-persistent buffers (SigLIP's `position_ids`) are in no state dict, so `assign` leaves them on
+    the meta device; take them from a CPU build."""
+    missing = [name for name, buf in tok.named_buffers() if buf.is_meta]
+    if not missing:
+        return
+    real = dict(build_tokenizer(cfg).named_buffers())
+    for name in missing:
+        owner, _, leaf = name.rpartition(".")
+        tok.get_submodule(owner)._buffers[leaf] = real[name]
 
 
 def random_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
