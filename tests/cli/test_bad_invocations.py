@@ -4,6 +4,8 @@ leave no partial output and overwrite nothing that existed."""
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from tokenflow_cli.cli.app import main
 from tokenflow_cli.cli.common import CliState
 from tokenflow_cli.config import load_recipe
 from tokenflow_cli.data.shapes import render_shapes_world
+from tokenflow_cli.fileio import MARKER_NAME
 from tokenflow_cli.tokenizer.codes import CodesMismatchError
 from tokenflow_cli.tokenizer.config import TokenizerRecipe
 from tokenflow_cli.tokenizer.model import build_tokenizer
@@ -77,7 +80,28 @@ def world(tmp_path_factory) -> World:
     (w.root / "empty-codes").mkdir(exist_ok=True)
     (w.root / "no-image-column.parquet").write_bytes(b"")
     (w.root / "run").mkdir(exist_ok=True)
+    (w.root / "others").mkdir(exist_ok=True)
+    (w.root / "others" / "notes.txt").write_text("a user's folder, not an output of ours")
+    (w.root / "reconstructed").mkdir(exist_ok=True)
+    (w.root / "reconstructed" / MARKER_NAME).write_text(json.dumps({"command": "reconstruct"}))
+    (w.root / ".busy.npz.lock").write_text(str(os.getpid()))  # held by a live process: this one
+    _bad_codes(w)
     return w
+
+
+def _bad_codes(w: World) -> None:
+    """One codes file per way of breaking the format, each from codes_a with one change."""
+    with np.load(w.codes_a) as data:
+        good = {k: data[k] for k in data.files}
+    idx, k = good["indices"], json.loads(str(good["meta"]))["codebook_size"]
+    changes = {"index-huge": {"indices": np.where(np.arange(idx.size).reshape(idx.shape) == 7, 999999, idx)},
+               "index-k": {"indices": np.where(np.arange(idx.size).reshape(idx.shape) == 7, k, idx)},
+               "float": {"indices": idx.astype(np.float32)},
+               "short-paths": {"paths": good["paths"][:3]},
+               "flat": {"indices": idx.reshape(-1)},
+               "extra-axis": {"indices": idx[..., None]}}
+    for name, change in changes.items():
+        np.savez(w.root / f"codes-{name}.npz", **{**good, **change})
 
 
 def run(capsys, monkeypatch, args: list[str]) -> tuple[int, str]:
@@ -157,17 +181,68 @@ def _cases(w: World) -> dict[str, tuple[list, list[str]]]:
         "usage: ask negative temperature": (["ask", w.root / "picture.png", "?", "--temperature", "-1"],
                                             ["--temperature"]),
         "usage: unknown option": (["tokenize", w.images, "--colour", "red"], ["--colour", "tokenflow tokenize --help"]),
+        # codes that break the format: one validation (tokenizer/codes.check_codes) for every reader
+        **{f"reconstruct: codes with {what}": (["reconstruct", w.root / f"codes-{name}.npz", "-o", w.fresh.parent],
+                                               [f"codes-{name}.npz", *named])
+           for what, name, named in [("an index of 999999", "index-huge", ["999999", "outside the codebook [0, "]),
+                                     ("an index equal to K", "index-k", ["outside the codebook [0, "]),
+                                     ("float indices", "float", ["float32", "integer"]),
+                                     ("fewer paths than rows", "short-paths", ["3 paths for 6 rows"]),
+                                     ("1-D indices", "flat", ["shape", "(N, "]),
+                                     ("(N, L, 1) indices", "extra-axis", ["shape", "(N, "])]},
+        "codes info: an index outside the codebook": (["codes", "info", w.root / "codes-index-huge.npz"],
+                                                      ["999999", "outside the codebook"]),
+        "codes merge: float indices": (["codes", "merge", w.codes_a, w.root / "codes-float.npz", "-o", w.fresh],
+                                       ["codes-float.npz", "float32"]),
+        # outputs: checked before any work; folders swapped in whole; one writer at a time
+        "reconstruct: output under a file": (["reconstruct", w.codes_a, "-o", w.root / "blocker" / "recon"],
+                                             ["blocker", "is a file"]),
+        "reconstruct: output is a file": (["reconstruct", w.codes_a, "-o", kept], ["kept.npz", "is a file"]),
+        "reconstruct: a folder of other files": (["reconstruct", w.codes_a, "-o", w.root / "others"],
+                                                 ["others", "--overwrite"]),
+        "generate: output under a file": (["generate", "a red fox", "-o", w.root / "blocker" / "gen"], ["blocker"]),
+        "generate: a folder another command wrote": (["generate", "a red fox", "-o", w.root / "reconstructed"],
+                                                     ["reconstructed", "tokenflow generate", "--overwrite"]),
+        "data shapes: output under a file": (["data", "shapes", "-n", "2", "-o", w.root / "blocker" / "d"],
+                                             ["blocker"]),
+        "data natural: output is a file": (["data", "natural", "-n", "2", "-o", kept], ["kept.npz", "is a file"]),
+        "train-tokenizer: run folder under a file": (["train-tokenizer", "tiny", "-o", w.root / "blocker" / "run"],
+                                                     ["blocker"]),
+        "eval teacher: output under a file": (["eval", "teacher", "-o", w.root / "blocker" / "e"], ["blocker"]),
+        "eval geneval: output under a file": (["eval", "geneval", "-o", w.root / "blocker" / "e"], ["blocker"]),
+        "codes merge: output under a file": (["codes", "merge", w.codes_a, "-o", w.root / "blocker" / "m.npz"],
+                                             ["blocker"]),
+        "tokenize: another process writes the output": (["tokenize", w.images, "-o", w.root / "busy.npz", *tok],
+                                                        ["busy.npz", "being written by another"]),
+        "train-generator: no data flags (as the README once showed it)": (
+            ["train-generator", "generator-tiny", "-o", w.fresh.parent], ["data.captions", "data.codes"]),
+        # a model named by the environment must exist
+        "tokenize: $TOKENFLOW_TOKENIZER names a missing model": (
+            ["tokenize", w.images, "-o", kept, "--device", "cpu"], ["TOKENFLOW_TOKENIZER", "no-such-tok"],
+            {"TOKENFLOW_TOKENIZER": str(w.root / "no-such-tok.safetensors")}),
+        "generate: $TOKENFLOW_GENERATOR names a missing model": (
+            ["generate", "a red fox", "-o", w.fresh.parent, "--device", "cpu"], ["TOKENFLOW_GENERATOR", "no-such-gen"],
+            {"TOKENFLOW_GENERATOR": str(w.root / "no-such-gen")}),
+        # numeric options: at parse time
+        "usage: eval rfid negative resolution": (["eval", "rfid", "--res", "-5", "-o", w.fresh.parent], ["--res"]),
+        "usage: eval rfid huge resolution": (["eval", "rfid", "--res", "100000", "-o", w.fresh.parent], ["--res"]),
+        "usage: train-teacher zero steps": (["train-teacher", "teacher-tiny", "--steps", "0", "-o", w.fresh.parent],
+                                            ["--steps"]),
     }
 
 
 CASE_NAMES = list(_cases(World(*[Path("/zoo")] * 11)))  # _cases only joins paths
+assert len(CASE_NAMES) == len(set(CASE_NAMES))
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_bad_invocation(world, case, capsys, monkeypatch):
-    args, named = _cases(world)[case]
+    args, named, *env = _cases(world)[case]
+    for key, value in (env[0] if env else {}).items():
+        monkeypatch.setenv(key, value)
     world.kept.write_bytes(KEPT)
-    before = {p for p in world.root.rglob("*")}
+    before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in world.root.rglob("*") if p.is_file()}
+    folders = {p for p in world.root.rglob("*") if p.is_dir()}
     code, output = run(capsys, monkeypatch, args)
     assert code == (2 if case.startswith("usage:") else 1), output
     assert "Traceback" not in output, output
@@ -176,11 +251,10 @@ def test_bad_invocation(world, case, capsys, monkeypatch):
     for name in named:
         assert str(name) in lines[0], f"{name!s} not in {lines[0]!r}"
     assert world.kept.read_bytes() == KEPT, "an existing output was overwritten"
-    assert not world.fresh.exists()
-    new = {p for p in world.root.rglob("*")} - before
-    partial = [p for p in new if p.is_file() and p.suffix in (".npz", ".safetensors", ".png", ".json", ".pt")
-               or ".tmp" in p.name]
-    assert not partial, f"partial outputs left: {partial}"
+    assert not world.fresh.exists() and not world.fresh.parent.exists()
+    after = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in world.root.rglob("*") if p.is_file()}
+    assert after == before, f"files changed or left behind: {set(after.items()) ^ set(before.items())}"
+    assert {p for p in world.root.rglob("*") if p.is_dir()} == folders, "folders made or removed"
 
 
 @pytest.mark.parametrize("how", ["--debug", "TOKENFLOW_DEBUG=1"])

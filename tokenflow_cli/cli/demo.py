@@ -83,6 +83,17 @@ def _teacher_overrides(ctx: DemoContext) -> list[str]:
     return [f"model.teacher.pretrained={found}", f"model.semantic_encoder.pretrained={found}"]
 
 
+def _stop_if_interrupted(result):
+    """Ctrl-C / SIGTERM during a demo training: stop the demo (exit 128 + signal) instead of
+    evaluating and installing a half-trained model; the checkpoint stays for a rerun."""
+    from tokenflow_cli.errors import exit_code_for_signal
+
+    if result.stop_signal is not None:
+        print(f"interrupted at step {result.step}: nothing installed (checkpoint {result.checkpoint})")
+        raise SystemExit(exit_code_for_signal(result.stop_signal))
+    return result
+
+
 def train_tokenizer_step(ctx: DemoContext) -> None:
     """Calibrate the speed on a few steps, then train the tokenizer recipe for the budget (resuming)."""
     from tokenflow_cli.config import load_recipe
@@ -102,14 +113,16 @@ def train_tokenizer_step(ctx: DemoContext) -> None:
 
     ctx.say(f"tokenizer: measuring speed over {CALIBRATION_STEPS} steps ...")
     started = time.perf_counter()
-    calib = train_tokenizer(recipe(CALIBRATION_STEPS), ctx.run_dir, device=ctx.device, resume=False, live=False)
+    calib = _stop_if_interrupted(
+        train_tokenizer(recipe(CALIBRATION_STEPS), ctx.run_dir, device=ctx.device, resume=False, live=False))
     rates = [row["images_per_s"] for row in calib.history[1:]]  # the first step pays for warm-up
     per_step = recipe(1).train.batch_size / max(statistics.median(rates), 1e-6)
     left = max(ctx.minutes * 60 - (time.perf_counter() - started), 30.0)
     steps = int(min(max(left / per_step, 2 * CALIBRATION_STEPS), 5000))
     ctx.say(f"tokenizer: {per_step:.2f} s/step here -> {steps} steps for {ctx.minutes:g} min")
     # the time limit keeps the budget when the machine gets busier than it was while calibrating
-    result = train_tokenizer(recipe(steps), ctx.run_dir, device=ctx.device, resume=True, time_limit_s=1.2 * left)
+    result = _stop_if_interrupted(
+        train_tokenizer(recipe(steps), ctx.run_dir, device=ctx.device, resume=True, time_limit_s=1.2 * left))
     ctx.tokenizer_path = ctx.run_dir / "model.safetensors"
     stopped = " (stopped at the time limit)" if result.stopped_early else ""
     ctx.summary.append(f"tokenizer training: {result.step} steps{stopped}, {result.seconds / 60:.1f} min, "
@@ -220,8 +233,9 @@ def generator_step(ctx: DemoContext) -> None:
         "train.eval_every=0", "train.checkpoint_every=100000",
     ])
     ctx.say(f"generator: training for {ctx.gen_minutes:g} min ...")
-    result = train(GeneratorStage(recipe, run_dir), recipe.train, run_dir, recipe=recipe, device=ctx.device,
-                   resume=False, live=False, time_limit_s=ctx.gen_minutes * 60)
+    result = _stop_if_interrupted(train(GeneratorStage(recipe, run_dir), recipe.train, run_dir, recipe=recipe,
+                                        device=ctx.device, resume=False, live=False,
+                                        time_limit_s=ctx.gen_minutes * 60))
     loaded = resolve_generator(str(run_dir), torch.device(ctx.device))
     settings = GenerationSettings(get_schedule("two-pass"), cfg=3.0, seed=ctx.seed, samples_per_prompt=4)
     samples = ctx.out_dir / "generated"

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from tokenflow_cli.cli.common import BatchOpt, DeviceOpt, console, err_console, fail
+from tokenflow_cli.cli.common import BatchOpt, DeviceOpt, OverwriteOpt, claim_output, console, err_console, fail
 from tokenflow_cli.cli.models import (
     CfgOpt,
     GenBatchOpt,
@@ -41,6 +41,7 @@ def vqa_cmd(
     repetition_penalty: Annotated[float | None, typer.Option(
         "--repetition-penalty", min=1e-6,
         help="Override the model folder's generation_config.json value.")] = None,
+    overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="LLM: auto (the model's) | fp32 | bf16 | fp16.")] = "auto",
 ) -> None:
@@ -58,6 +59,7 @@ def vqa_cmd(
     items = items[:limit] if limit else items
     if not items:
         raise fail(f"{data}: no questions{' with yes/no answers' if yes_no else ''}")
+    claim = claim_output(output, "folder", "eval vqa", overwrite)
     loaded = load_for_inference(model, tokenizer, device, precision_name(dtype))
     use_decoding(loaded, repetition_penalty)
     console.print(f"decoding: {loaded.model.decoding.describe()}, max_new_tokens {max_new_tokens}", highlight=False)
@@ -76,13 +78,14 @@ def vqa_cmd(
         **loaded.model.decoding.describe(),
         warnings=loaded.warnings,
     )
-    output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output / "report.json", json.dumps(report, indent=2))
+    claim.tmp.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(claim.tmp / "report.json", json.dumps(report, indent=2))
     rows = [
         json.dumps({"image": str(i.image), "question": i.question, "answer": i.answer, "type": i.type, "prediction": p})
         for i, p in zip(items, predictions, strict=True)
     ]
-    atomic_write_text(output / "predictions.jsonl", "\n".join(rows) + "\n")
+    atomic_write_text(claim.tmp / "predictions.jsonl", "\n".join(rows) + "\n")
+    claim.commit()
     _print_report(report)
     console.print(f"wrote [bold]{output / 'report.json'}[/]")
 
@@ -105,11 +108,16 @@ def _print_report(report: dict) -> None:
         )
 
 
-def write_report(report: dict, output: Path) -> None:
+def write_report(report: dict, output: Path, claim=None) -> None:
+    """OUTPUT/report.json; with a folder claim (`claim_output`), written into its temporary
+    folder, which is then swapped in with everything else written there."""
     from tokenflow_cli.fileio import atomic_write_text
 
-    output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output / "report.json", json.dumps(report, indent=2))
+    folder = claim.tmp if claim is not None else output
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "report.json", json.dumps(report, indent=2))
+    if claim is not None:
+        claim.commit()
     for warning in report.get("warnings", []):
         err_console.print(f"[yellow]warning:[/] {warning}")
     console.print(f"wrote [bold]{output / 'report.json'}[/]")
@@ -129,6 +137,7 @@ def teacher_cmd(
                                                                  "does not say.")] = "tokenflow-tiny-vit",
     limit: LimitOpt = 0,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for report.json.")] = Path("eval_teacher"),
+    overwrite: OverwriteOpt = False,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -139,6 +148,7 @@ def teacher_cmd(
     from tokenflow_cli.teacher.evaluate import default_eval_captions, load_clip, zero_shot_report
     from tokenflow_cli.weights import MissingWeightsError
 
+    claim = claim_output(output, "folder", "eval teacher", overwrite)
     try:
         clip = load_clip(model, model_name)
     except (MissingWeightsError, FileNotFoundError, ValueError) as err:
@@ -154,7 +164,7 @@ def teacher_cmd(
         table.add_row(task, str(row["n"]), str(len(row["classes"])), f"{row['accuracy']:.1%}",
                       f"{row['balanced_accuracy']:.1%}", f"{row['chance']:.1%}", f"{row['majority']:.1%}")
     console.print(table)
-    write_report(report, output)
+    write_report(report, output, claim)
 
 
 @eval_app.command("geneval")
@@ -163,15 +173,17 @@ def geneval_cmd(
     tokenizer: ImageTokenizerOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for report.json and images.")] = Path(
         "geneval_eval"),
-    schedules: Annotated[str, typer.Option("--schedules", help="Comma-separated presets to compare "
-                                           "(or one k:p;k:p spec with ';' between passes).")] = "two-pass",
+    schedules: Annotated[str | None, typer.Option("--schedules", help="Comma-separated presets to compare "
+                                                  "(or one k:p;k:p spec with ';' between passes); default: the "
+                                                  "model's (one-pass for a converted official model).")] = None,
     per_tag: Annotated[int, typer.Option("--per-tag", help="Prompts per GenEval tag.")] = 20,
     samples: Annotated[int, typer.Option("--samples", help="Images per prompt (GenEval: 4).")] = 4,
-    cfg: CfgOpt = 3.0,
+    cfg: CfgOpt = None,
     temperature: TemperatureOpt = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
     prompt_seed: Annotated[int, typer.Option("--prompt-seed", help="Seed of the prompt set.")] = 0,
     batch_size: GenBatchOpt = 16,
+    overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Shapes-world GenEval: per-tag and overall scores by the classical detector, plus the
@@ -180,19 +192,23 @@ def geneval_cmd(
 
     from tokenflow_cli.fileio import atomic_write_text
     from tokenflow_cli.generation.geneval import detector_ceiling, run_geneval
-    from tokenflow_cli.generation.sampling import get_schedule
-    from tokenflow_cli.generation.text_to_image import GenerationSettings
+    from tokenflow_cli.generation.sampling import get_schedule, sampler_defaults
 
-    names = [s.strip().replace(";", ",") for s in schedules.split(",") if s.strip()]
+    names = [s.strip().replace(";", ",") for s in (schedules or "").split(",") if s.strip()]
     try:
         plans = {name: get_schedule(name) for name in names}
     except ValueError as err:
         raise fail(str(err)) from None
+    claim = claim_output(output, "folder", "eval geneval", overwrite)
     loaded = load_generator_for_cli(model, tokenizer, device)
+    if not plans:  # the model's own sampler defaults (the official ones for a converted official model)
+        name = sampler_defaults(loaded.model.config.sampler_defaults).schedule
+        plans = {name: get_schedule(name)}
     reports = {}
     for name, schedule in plans.items():
-        settings = GenerationSettings(schedule, cfg, temperature, seed, samples, "", batch_size)
-        folder = output / name.replace(":", "_").replace(",", "-")
+        settings = loaded.default_settings(schedule=schedule, cfg=cfg, temperature=temperature, seed=seed,
+                                           samples_per_prompt=samples, batch_size=batch_size)
+        folder = claim.tmp / name.replace(":", "_").replace(",", "-")
         with open_count_bar(f"geneval {name}") as bar:
             task = bar.add_task(name, total=None)
             reports[name] = run_geneval(loaded, settings, folder, per_tag, prompt_seed,
@@ -200,8 +216,9 @@ def geneval_cmd(
     ceiling = detector_ceiling(loaded.tokenizer.image_size)
     report = {"model": loaded.source, "tokenizer": loaded.tokenizer_source, "random_init": loaded.random_init,
               "schedules": reports, "detector_on_real_images": ceiling}
-    output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output / "report.json", json.dumps(report, indent=2))
+    claim.tmp.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(claim.tmp / "report.json", json.dumps(report, indent=2))
+    claim.commit()
     table = Table(title="GenEval (shapes world)")
     table.add_column("tag")
     for name in reports:
