@@ -36,27 +36,29 @@ def test_rfid_report_protocol_and_files(photos, tmp_path, no_fid_weights):
                                       "--no-lpips", "-o", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
+    assert report["protocols"] == ["tokenflow"]  # the paper's protocol by default
     proto = report["protocol"]
     assert proto["resolution"] == 32 and proto["model_resolution"] == 64 and proto["resized_for_model"]
-    for key in ("crop", "resize_filter", "resize_note", "quantize", "psnr", "ssim", "lpips", "fid", "device"):
-        assert proto[key], key
-    assert proto["fid"]["is_real_fid"] is False and "NOT FID" in proto["fid"]["feature_extractor"]
-    assert proto["fid"]["backend"].startswith("torch-fidelity")
-    assert proto["lpips"]["real_backbone"] is False and proto["lpips"]["unavailable"]
+    for key in ("loader", "crop", "resize", "reference", "sample", "psnr", "ssim"):
+        assert proto["official_pair"][key], key
+    for key in ("crop", "resize", "reconstruction", "psnr", "ssim", "lpips"):
+        assert proto["our_pair"][key], key
+    fid = proto["fid"]["tokenflow"]
+    assert fid["is_real_fid"] is False and "NOT FID" in fid["feature_extractor"] and "pytorch-fid" in fid["reproduces"]
+    assert proto["our_pair"]["lpips"]["real_backbone"] is False and proto["our_pair"]["lpips"]["unavailable"]
     assert report["counts"] == {"images": 4, "failed": 1}
     assert report["model"]["random_init"] is True
     row = report["results"]["data"]
-    assert row["n"] == 4 and row["rfid"] > 0 and row["lpips"] is None and 0 < row["usage"] <= 1
+    assert row["n"] == 4 and row["rfid"]["tokenflow"] > 0 and row["lpips"] is None and 0 < row["usage"] <= 1
     assert any("NOT FID" in w for w in report["warnings"])
-    originals = sorted((out / "originals" / "data").glob("*.png"))
-    recons = sorted((out / "reconstructions" / "data").glob("*.png"))
-    assert [p.name for p in originals] == [p.name for p in recons] and len(originals) == 4
-    assert Image.open(recons[0]).size == (32, 32) and (out / "grid.png").is_file()
-    # the reported PSNR is the PSNR of the saved files
+    folders = {f: sorted((out / f / "data").glob("*.png")) for f in ("gts", "samples", "originals", "reconstructions")}
+    assert len({tuple(p.name for p in files) for files in folders.values()}) == 1 and len(folders["gts"]) == 4
+    assert Image.open(folders["reconstructions"][0]).size == (32, 32) and (out / "grid.png").is_file()
+    # the reported PSNR is the PSNR of the saved files of our pair
     from tokenflow_cli.eval.image_metrics import psnr
 
-    a = np.stack([np.asarray(Image.open(p)) for p in originals])
-    b = np.stack([np.asarray(Image.open(p)) for p in recons])
+    a = np.stack([np.asarray(Image.open(p)) for p in folders["originals"]])
+    b = np.stack([np.asarray(Image.open(p)) for p in folders["reconstructions"]])
     assert row["psnr"] == pytest.approx(float(psnr(a, b).mean()))
 
 

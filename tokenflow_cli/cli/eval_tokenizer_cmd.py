@@ -48,20 +48,29 @@ def _subsets(data: str | None, limit: int, res: int):
     return subsets
 
 
+ProtocolOpt = Annotated[str, typer.Option(
+    "--protocol", help="rFID protocol: tokenflow (the paper's: official crops and pytorch-fid), torch-fidelity, "
+    "clean-fid, or all (one reconstruction pass, features once per protocol).")]
+
+
 @eval_app.command("rfid")
 def rfid_cmd(
     images: ImagesArg = None,
-    res: Annotated[int, typer.Option("--res", help="Evaluation resolution (crop size); 0 = the model's.")] = 0,
+    res: Annotated[int, typer.Option("--res", min=0, max=2048, help="Evaluation resolution (8-2048); 0 = the "
+                                     "model's.")] = 0,
+    protocol: ProtocolOpt = "tokenflow",
     model: ModelOpt = None,
     data: DataOpt = None,
     limit: LimitOpt = 0,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for PNGs, grid and report.json.")] = Path(
-        "eval_rfid"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for PNGs, cached features, grid and "
+                                         "report.json; rerunning the same command resumes.")] = Path("eval_rfid"),
+    fresh: Annotated[bool, typer.Option("--fresh", help="Discard an earlier run in --output instead of "
+                                        "resuming it.")] = False,
     inception_weights: Annotated[str | None, typer.Option(
         "--inception-weights", help="torch-fidelity Inception weights file (default: see `tokenflow doctor`).")] = None,
     tiny_features: Annotated[bool, typer.Option(
         "--tiny-features", help="Smoke test without Inception weights: tiny extractor, reported NOT FID.")] = False,
-    kid: Annotated[bool, typer.Option("--kid/--no-kid", help="Also compute KID.")] = True,
+    kid: Annotated[bool, typer.Option("--kid/--no-kid", help="Also compute KID (torch-fidelity protocol).")] = True,
     lpips: Annotated[bool, typer.Option("--lpips/--no-lpips", help="Compute LPIPS (needs the VGG backbone).")] = True,
     lpips_net: Annotated[str, typer.Option("--lpips-net", help="LPIPS backbone: vgg | alex.")] = "vgg",
     lpips_random_backbone: Annotated[bool, typer.Option(
@@ -71,16 +80,20 @@ def rfid_cmd(
     dtype: InferDtypeOpt = "fp32",
     compile_model: CompileOpt = False,
 ) -> None:
-    """Reconstruction rFID/KID, PSNR, SSIM, LPIPS and codebook usage under a stated protocol."""
+    """Reconstruction rFID (per protocol), KID, PSNR, SSIM, LPIPS and codebook usage; torchrun splits the images."""
     from tokenflow_cli.cli.progress import image_progress
+    from tokenflow_cli.distributed import init_distributed
     from tokenflow_cli.eval.fid import inception_spec, tiny_spec
+    from tokenflow_cli.eval.fid_protocols import parse_protocols
     from tokenflow_cli.eval.image_metrics import build_lpips_metric
     from tokenflow_cli.tokenizer.inference import InferenceOptions
     from tokenflow_cli.tokenizer.rfid import RfidOptions, run_rfid
+    from tokenflow_cli.tokenizer.rfid_store import RfidRunMismatch
     from tokenflow_cli.weights import MissingWeightsError
 
     try:
         inference = InferenceOptions(dtype=dtype, compile=compile_model, scope="decoders")
+        protocols = tuple(parse_protocols(protocol))
     except ValueError as err:
         raise fail(str(err)) from None
     data = data or images
@@ -94,12 +107,23 @@ def rfid_cmd(
                 raise fail(f"{err}; or pass --tiny-features for a smoke test (NOT FID)") from None
             spec = inception_spec()
     tok = _resolve(model, device)
+    dist = init_distributed(tok.device.type)
     res = res or tok.image_size
+    try:
+        opts = RfidOptions(res=res, protocols=protocols, batch_size=batch_size, kid=kid, fresh=fresh,
+                           inference=inference)
+    except ValueError as err:
+        raise fail(str(err)) from None
     subsets = _subsets(data, limit, res)
     metric = build_lpips_metric(lpips_net, allow_random_backbone=lpips_random_backbone, enabled=lpips)
-    opts = RfidOptions(res=res, batch_size=batch_size, kid=kid, inference=inference)
-    with image_progress(sum(len(s.paths) for s in subsets), "rfid") as update:
-        report = run_rfid(tok, subsets, output, spec, metric, opts, progress=update)
+    total = sum(len(s.paths) for s in subsets)
+    with image_progress(-(-total // dist.world_size), f"rfid (rank {dist.rank})" if dist.enabled else "rfid") as update:
+        try:
+            report = run_rfid(tok, subsets, output, spec, metric, opts, progress=update, dist=dist)
+        except RfidRunMismatch as err:
+            raise fail(str(err)) from None
+    if report is None:  # another rank: rank 0 writes the report
+        return
     _print_rfid(report)
     write_report(report, output)
     if report["files"]["grid"]:
@@ -128,19 +152,24 @@ def _print_rfid(report: dict) -> None:
     from rich.table import Table
 
     proto = report["protocol"]
-    fid_name = "rFID" if proto["fid"]["is_real_fid"] else "tiny-FD (NOT FID)"
+    real = all(p["is_real_fid"] for p in proto["fid"].values())
     title = f"reconstruction at {proto['resolution']}px (model {proto['model_resolution']}px)"
     table = Table(title=title)
-    for column in ("set", "n", fid_name, "KID x1e3", "PSNR", "SSIM", "LPIPS", "usage", "perplexity"):
+    fids = [f"rFID {name}" if real else f"tiny-FD {name} (NOT FID)" for name in report["protocols"]]
+    columns = ["set", "n", *fids, "KID x1e3", "PSNR off.", "SSIM off.", "PSNR", "SSIM", "LPIPS", "usage", "ppl"]
+    for column in columns:
         table.add_column(column, justify="left" if column == "set" else "right")
     for name, row in report["results"].items():
         kid = None if row.get("kid") is None else 1e3 * row["kid"]
-        table.add_row(name, str(row["n"]), fmt_value(row.get("rfid"), ".2f"), fmt_value(kid, ".2f"),
-                      fmt_value(row["psnr"], ".2f"),
+        table.add_row(name, str(row["n"]), *(fmt_value(row["rfid"][p], ".3f") for p in report["protocols"]),
+                      fmt_value(kid, ".2f"), fmt_value(row["psnr_official"], ".2f"),
+                      fmt_value(row["ssim_official"], ".4f"), fmt_value(row["psnr"], ".2f"),
                       fmt_value(row["ssim"], ".4f"), fmt_value(row["lpips"], ".4f"), fmt_value(row["usage"], ".1%"),
                       fmt_value(row["perplexity"], ".1f"))
     console.print(table)
-    console.print(f"resize: {proto['resize_note']}")
+    sha = report["model"].get("tokenizer_sha256")
+    console.print(f"weights sha256 {sha or 'n/a (not a file)'}; {report['counts']['images']} images; "
+                  f"'off.' = the official PSNR/SSIM calls on the official crops", highlight=False)
 
 
 @eval_app.command("usage")

@@ -57,11 +57,14 @@ def _tiny_extractor_class() -> type:
             self.register_buffer("w2", torch.randn(16, 16, 3, 3, generator=g) / 12)
 
         def forward(self, x_B3HW: torch.Tensor) -> tuple[torch.Tensor]:
-            x = x_B3HW.float() / 127.5 - 1
-            x = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+            return (self.from_normalized(x_B3HW.float() / 127.5 - 1),)
+
+        def from_normalized(self, x_B3HW: torch.Tensor) -> torch.Tensor:
+            """(B, 16) features of images already in about [-1, 1] (any size)."""
+            x = F.interpolate(x_B3HW.float(), size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
             x = F.relu(F.conv2d(x, self.w1, stride=2))
             x = torch.tanh(F.conv2d(x, self.w2, stride=2))
-            return (x.mean(dim=(2, 3)),)
+            return x.mean(dim=(2, 3))
 
         @staticmethod
         def get_provided_features_list() -> tuple[str, ...]:

@@ -1,21 +1,20 @@
-"""`tokenflow eval rfid`: reconstruction quality under one stated protocol.
+"""`tokenflow eval rfid`: reconstruction quality under stated protocols, from one encode/decode.
 
-Protocol (also written into report.json, so numbers can be compared and recomputed):
+1. Reconstruct (tokenizer/rfid_pairs.py): every image is encoded and decoded ONCE; the official
+   pair (`gts/`, `samples/`) and our pair (`originals/`, `reconstructions/`) are written as PNGs
+   with PSNR/SSIM on each (the official calls on the official crops), LPIPS and codebook usage.
+2. Features (eval/fid_protocols.py): each requested protocol reads its pair's PNGs back (the
+   round trip every tool makes) and computes its Inception features once per image.
+3. Report: FID per protocol and subset, from the cached features.
 
-1. every image is loaded as 8-bit RGB, its short side resized to `res` and centre-cropped to
-   res x res (PIL bicubic, after halving with a box filter while it is >= 2x the target: the
-   official evaluation's resize); this is the ORIGINAL, saved as PNG;
-2. when `res` differs from the tokenizer's resolution, the original is resized to the model's
-   resolution with the same filter, encoded and decoded, and the decoded image resized back to
-   `res` (PIL bicubic); otherwise it goes in and comes out unchanged;
-3. the decoded image is quantized to uint8 as clamp(127.5 x + 128) and saved as PNG: the
-   RECONSTRUCTION;
-4. every metric is computed on those two PNG folders: rFID (and KID) with torch-fidelity's
-   Inception, PSNR, SSIM and LPIPS per image pair, and codebook usage over the set's codes.
+Both steps keep their results per unit of images on disk (tokenizer/rfid_store.py): running the
+same command again resumes a killed run and gives the same report; another protocol later costs
+only its features. Under `torchrun` the units are dealt to the ranks and rank 0 writes the report.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -25,161 +24,253 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch_fidelity
-from PIL import Image
 
-from tokenflow_cli.data.images import ImageLoadError, load_image, resize_center_crop
+from tokenflow_cli.distributed import DistInfo, barrier
 from tokenflow_cli.eval.evalset import EvalSubset
-from tokenflow_cli.eval.fid import KID_SUBSETS, FeatureCache, FeatureSpec, fid_kid
-from tokenflow_cli.eval.image_metrics import PSNR_PROTOCOL, SSIM_PROTOCOL, LpipsMetric, psnr, ssim
-from tokenflow_cli.eval.visual import grid, save_png, to_uint8
+from tokenflow_cli.eval.fid import KID_SUBSETS, FeatureSpec
+from tokenflow_cli.eval.fid_protocols import FeatureNetwork, describe, protocol_features, protocol_fid
+from tokenflow_cli.eval.image_metrics import PSNR_PROTOCOL, SSIM_PROTOCOL, LpipsMetric
+from tokenflow_cli.eval.visual import grid, save_png
 from tokenflow_cli.fileio import file_sha256
+from tokenflow_cli.tokenizer import rfid_pairs as pairs
+from tokenflow_cli.tokenizer import rfid_store as store
 from tokenflow_cli.tokenizer.identity import tokenizer_id
 from tokenflow_cli.tokenizer.inference import InferenceOptions, inference_context, prepare_for_inference
 from tokenflow_cli.tokenizer.model import TokenFlowTokenizer
 from tokenflow_cli.tokenizer.usage_report import UsageCounts, quantize_views
 
-CROP = "short side resized to res, then centre crop res x res"
-RESIZE_FILTER = "PIL bicubic, after halving with a box filter while the image is >= 2x the target"
-QUANTIZE = "uint8 = clamp(127.5 * x + 128) of the [-1, 1] decoder output"
-
+MIN_RES, MAX_RES = 8, 2048  # evaluation resolution bounds (the decoder's activations grow with res^2)
 ProgressFn = Callable[[int, int, float], None]  # (images done incl. failures, failures, usage share)
 
 
 @dataclass
 class RfidOptions:
-    res: int = 256  # evaluation resolution (crop size and metric resolution)
-    batch_size: int = 16
-    kid: bool = True  # KID next to FID (subset size min(1000, n))
+    res: int = 256  # evaluation resolution
+    protocols: tuple[str, ...] = ("tokenflow",)  # eval/fid_protocols.PROTOCOLS names
+    batch_size: int = 16  # images per encode/decode
+    unit_size: int = 256  # images per resumable unit (and per rank hand-out)
+    kid: bool = True  # KID beside FID (torch-fidelity protocol)
     grid_rows: int = 6  # rows per subset in grid.png
     fid_batch_size: int = 32
+    fresh: bool = False  # discard an earlier run in the output folder instead of resuming it
     inference: InferenceOptions = field(default_factory=InferenceOptions)  # encode/decode dtype, compile
 
-
-@dataclass
-class _Pairs:
-    """Running per-image metrics of one subset."""
-
-    psnr: list[np.ndarray] = field(default_factory=list)
-    ssim: list[np.ndarray] = field(default_factory=list)
-    lpips: list[np.ndarray] = field(default_factory=list)
-    failures: list[tuple[str, str]] = field(default_factory=list)
-    grid_orig: list[np.ndarray] = field(default_factory=list)
-    grid_rec: list[np.ndarray] = field(default_factory=list)
-    n: int = 0
+    def __post_init__(self) -> None:
+        if not MIN_RES <= self.res <= MAX_RES:
+            raise ValueError(f"--res {self.res}: the evaluation resolution must be in [{MIN_RES}, {MAX_RES}]")
 
 
-def load_original(path: Path, res: int) -> np.ndarray:
-    """Step 1 of the protocol: (res, res, 3) uint8."""
-
-    return np.asarray(resize_center_crop(load_image(path), res))
-
-
-def to_model_input(originals_BHW3: np.ndarray, model_res: int) -> torch.Tensor:
-    """Step 2 (in): uint8 originals -> [-1, 1] (B, 3, r, r) at the model's resolution."""
-
-    if originals_BHW3.shape[1] != model_res:
-        originals_BHW3 = np.stack([np.asarray(resize_center_crop(Image.fromarray(a), model_res))
-                                   for a in originals_BHW3])
-    x = torch.from_numpy(np.ascontiguousarray(originals_BHW3)).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1
+def pair_folders(name: str) -> tuple[str, str]:
+    """(reference, reconstruction) folder names a protocol reads."""
+    return ("gts", "samples") if describe(name)["pairs"] == "official" else ("originals", "reconstructions")
 
 
-def from_model_output(decoded_BHW3: np.ndarray, res: int) -> np.ndarray:
-    """Step 2 (out): decoded uint8 at the model's resolution -> res x res."""
-    if decoded_BHW3.shape[1] == res:
-        return decoded_BHW3
-    return np.stack([np.asarray(Image.fromarray(a).resize((res, res), Image.BICUBIC)) for a in decoded_BHW3])
+def _link_or_copy(source: Path, target: Path) -> None:
+    """`target` becomes the same file as `source` (a hard link: no second copy on disk)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 @inference_context()
-def _reconstruct_subset(tok: TokenFlowTokenizer, subset: EvalSubset, out_dir: Path, opts: RfidOptions,
-                        lpips: LpipsMetric, usage: UsageCounts, progress: Callable[[int, int], None]) -> _Pairs:
-
+def _reconstruct_unit(tok: torch.nn.Module, unit: store.Unit, out_dir: Path, opts: RfidOptions,
+                      lpips: LpipsMetric, tick: Callable[[int, int, UsageCounts], None]) -> store.UnitResult:
     device = next(tok.parameters()).device
-    orig_dir, rec_dir = out_dir / "originals" / subset.name, out_dir / "reconstructions" / subset.name
-    for folder in (orig_dir, rec_dir):  # torch-fidelity reads whole folders: no stale PNGs
-        shutil.rmtree(folder, ignore_errors=True)
-    pairs = _Pairs()
-    for start in range(0, len(subset.paths), opts.batch_size):
-        batch, names = [], []
-        for i, path in enumerate(subset.paths[start : start + opts.batch_size], start=start):
+    same_res = opts.res == tok.image_size
+    usage = UsageCounts(tok.scales, tok.codebook_size)
+    result = store.UnitResult([], [], {})
+    metrics: dict[str, list[np.ndarray]] = {}
+    for first in range(0, len(unit.paths), opts.batch_size):
+        sources, names = [], []
+        for i, path in enumerate(unit.paths[first : first + opts.batch_size], start=unit.start + first):
             try:
-                batch.append(load_original(path, opts.res))
-                names.append(f"{i:06d}_{Path(path).stem}.png")
-            except (ImageLoadError, OSError, ValueError) as err:
-                pairs.failures.append((str(path), str(err)))
-        if batch:
-            orig = np.stack(batch)
-            views = quantize_views(tok.quantizer, tok.encode_features(to_model_input(orig, tok.image_size).to(device)))
+                sources.append(pairs.load_source(path))
+                names.append(f"{i:06d}.png")
+            except pairs.ImageLoadError as err:
+                result.failures.append((str(path), str(err)))
+        if sources:
+            x = torch.stack([pairs.official_input(s, tok.image_size) for s in sources])
+            views = quantize_views(tok.quantizer, tok.encode_features(x.to(device)))
             for view, idx in views.items():
                 usage.add(view, idx)
-            rec = from_model_output(to_uint8(tok.codes_to_img(views["shared"])), opts.res)
-            for name, o, r in zip(names, orig, rec):
-                save_png(o, orig_dir / name)
-                save_png(r, rec_dir / name)
-            pairs.psnr.append(psnr(orig, rec))
-            pairs.ssim.append(ssim(orig, rec))
-            scores = lpips(orig, rec, device)
-            if scores is not None:
-                pairs.lpips.append(scores)
-            room = opts.grid_rows - sum(len(g) for g in pairs.grid_orig)
-            if room > 0:
-                pairs.grid_orig.append(orig[:room])
-                pairs.grid_rec.append(rec[:room])
-            pairs.n += len(batch)
-        progress(pairs.n, len(pairs.failures))
-    return pairs
+            batch = pairs.make_pairs(sources, x, tok.codes_to_img(views["shared"]), opts.res, lpips, device)
+            written = {"gts": batch.gts, "samples": batch.samples, "originals": batch.originals}
+            if not same_res:
+                written["reconstructions"] = batch.reconstructions
+            for folder, images in written.items():
+                for name, image in zip(names, images):
+                    save_png(image, out_dir / folder / unit.subset / name)
+            if same_res:  # our reconstruction IS the sample
+                for name in names:
+                    _link_or_copy(out_dir / "samples" / unit.subset / name,
+                                  out_dir / "reconstructions" / unit.subset / name)
+            for key, values in batch.metrics.items():
+                metrics.setdefault(key, []).append(values)
+            result.names += names
+        tick(len(sources), len(unit.paths[first : first + opts.batch_size]) - len(sources), usage)
+    result.metrics = {k: np.concatenate(v) for k, v in metrics.items()}
+    result.usage = usage.counts
+    return result
+
+
+def _features(out_dir: Path, units: list[store.Unit], results: dict[str, store.UnitResult], opts: RfidOptions,
+              spec: FeatureSpec, device: torch.device) -> None:
+    """This rank's missing feature files, per protocol and unit."""
+    net = None
+    for name in opts.protocols:
+        ref_dir, rec_dir = pair_folders(name)
+        for unit in units:
+            names = results[unit.key].names
+            if store.features_path(out_dir, name, unit).is_file() or not names:
+                continue
+            net = net or FeatureNetwork(spec, device, opts.fid_batch_size)
+            ref = protocol_features(name, [out_dir / ref_dir / unit.subset / n for n in names], net)
+            rec = protocol_features(name, [out_dir / rec_dir / unit.subset / n for n in names], net)
+            store.save_features(out_dir, name, unit, ref, rec)
+
+
+def _identity(tok: TokenFlowTokenizer, subsets: list[EvalSubset], opts: RfidOptions) -> dict:
+    paths = {s.name: [str(p) for p in s.paths] for s in subsets}
+    return {**tokenizer_id(tok), "model_resolution": tok.image_size, "resolution": opts.res,
+            "inputs_sha256": store.inputs_sha256(paths), "unit_size": opts.unit_size,
+            "inference": opts.inference.describe()}
+
+
+def run_rfid(tok: TokenFlowTokenizer, subsets: list[EvalSubset], out_dir: Path, spec: FeatureSpec,
+             lpips: LpipsMetric, opts: RfidOptions, progress: ProgressFn | None = None,
+             dist: DistInfo | None = None) -> dict | None:
+    """Reconstruct, extract features and return the report on rank 0 (None on other ranks; the
+    caller writes it). The tokenizer is prepared in place for `opts.inference`."""
+    dist = dist or DistInfo()
+    tok = prepare_for_inference(tok, opts.inference)
+    device = next(tok.parameters()).device
+    out_dir, started = Path(out_dir), time.perf_counter()
+    identity = _identity(tok, subsets, opts)
+    if dist.is_main:
+        store.open_run(out_dir, identity, opts.fresh)
+    barrier()
+    if not dist.is_main:
+        store.open_run(out_dir, identity, fresh=False)  # checks the manifest rank 0 wrote
+    units = store.make_units({s.name: [str(p) for p in s.paths] for s in subsets}, opts.unit_size)
+    mine = store.mine(units, dist.rank, dist.world_size)
+    done = {"images": 0, "failed": 0, "reused": 0}
+    running = UsageCounts(tok.scales, tok.codebook_size)
+
+    def tick(n: int, failed: int, usage: UsageCounts) -> None:
+        done["images"] += n + failed
+        done["failed"] += failed
+        if progress:
+            merged = {v: running.counts.get(v, 0) + c for v, c in usage.counts.items()}
+            share = float((merged["shared"].sum(0) > 0).mean()) if merged else 0.0
+            progress(done["images"], done["failed"], share)
+
+    results = {}
+    for unit in mine:
+        result = store.load_unit(out_dir, unit)
+        if result is None:
+            result = _reconstruct_unit(tok, unit, out_dir, opts, lpips, tick)
+            store.save_unit(out_dir, unit, result)
+        else:
+            done["reused"] += 1
+            tick(len(result.names), len(result.failures), UsageCounts(tok.scales, tok.codebook_size))
+        for view, counts in result.usage.items():
+            running.counts[view] = running.counts.get(view, 0) + counts
+        results[unit.key] = result
+    recon_s = time.perf_counter() - started
+    _features(out_dir, mine, results, opts, spec, device)
+    barrier()
+    if not dist.is_main:
+        return None
+    report = _report(tok, subsets, units, out_dir, spec, lpips, opts, device)
+    report["run"] = {"units": len(units), "reused_units_on_rank0": done["reused"], "ranks": dist.world_size,
+                     "seconds": {"reconstruct": round(recon_s, 2), "total": round(time.perf_counter() - started, 2)}}
+    return report
 
 
 def _mean(parts: list[np.ndarray]) -> float | None:
+    parts = [p for p in parts if len(p)]
     return float(np.concatenate(parts).mean()) if parts else None
 
 
-def _row(pairs: _Pairs, usage: UsageCounts, dist: dict | None) -> dict:
+def _row(results: list[store.UnitResult], features: dict[str, list[tuple[np.ndarray, np.ndarray]]],
+         usage: UsageCounts, opts: RfidOptions) -> dict:
+    n = sum(len(r.names) for r in results)
+    row = {"n": n, "failed": sum(len(r.failures) for r in results), "rfid": {}}
+    for name, parts in features.items():
+        if n < 2:
+            row["rfid"][name] = None
+            continue
+        ref = np.concatenate([p[0] for p in parts])
+        rec = np.concatenate([p[1] for p in parts])
+        dist = protocol_fid(name, ref, rec, kid=opts.kid)
+        row["rfid"][name] = dist["fid"]
+        if name == "torch-fidelity" and opts.kid:
+            row.update(kid=dist["kid"], kid_std=dist["kid_std"])
+    for key in ("psnr_official", "ssim_official", "psnr", "ssim", "lpips"):
+        row[key] = _mean([r.metrics[key] for r in results if key in r.metrics])
     overall = usage.summary()["shared"]["overall"] if usage.counts else {}
-    row = {"n": pairs.n, "failed": len(pairs.failures), "psnr": _mean(pairs.psnr), "ssim": _mean(pairs.ssim),
-           "lpips": _mean(pairs.lpips), "usage": overall.get("usage"), "perplexity": overall.get("perplexity")}
-    if dist:
-        row.update(rfid=dist["fid"], kid=dist.get("kid"), kid_std=dist.get("kid_std"))
+    row.update(usage=overall.get("usage"), perplexity=overall.get("perplexity"))
     return row
 
 
-def _merge(parts: list[_Pairs]) -> _Pairs:
-    out = _Pairs()
-    for p in parts:
-        out.psnr += p.psnr
-        out.ssim += p.ssim
-        out.lpips += p.lpips
-        out.failures += p.failures
-        out.n += p.n
-    return out
+def _report(tok: TokenFlowTokenizer, subsets: list[EvalSubset], units: list[store.Unit], out_dir: Path,
+            spec: FeatureSpec, lpips: LpipsMetric, opts: RfidOptions, device: torch.device) -> dict:
+    loaded = {u.key: store.load_unit(out_dir, u) for u in units}
+    missing = [k for k, r in loaded.items() if r is None]
+    if missing:
+        raise RuntimeError(f"rfid: {len(missing)} units were not reconstructed (first: {missing[0]})")
+    results, total = {}, UsageCounts(tok.scales, tok.codebook_size)
+    groups = {s.name: [u for u in units if u.subset == s.name] for s in subsets}
+    if len(groups) > 1:
+        groups["all"] = units
+    for group, members in groups.items():
+        usage = UsageCounts(tok.scales, tok.codebook_size)
+        for unit in members:
+            for view, counts in loaded[unit.key].usage.items():
+                usage.counts[view] = usage.counts.get(view, 0) + counts
+        if group == "all" or len(groups) == 1:
+            total = usage
+        feats = {name: [f for u in members if (f := store.load_features(out_dir, name, u)) is not None]
+                 for name in opts.protocols}
+        results[group] = _row([loaded[u.key] for u in members], feats, usage, opts)
+    failures = [f for r in loaded.values() for f in r.failures]
+    return {
+        "command": "tokenflow eval rfid",
+        "model": {**tokenizer_id(tok), "resolution": tok.image_size, "codebook_size": tok.codebook_size,
+                  "scales": list(tok.scales)},
+        "protocols": list(opts.protocols),
+        "protocol": _protocol(tok, opts, spec, lpips, device),
+        "data": {s.name: {"description": s.description, "files": len(s.paths)} for s in subsets},
+        "counts": {"images": sum(len(r.names) for r in loaded.values()), "failed": len(failures)},
+        "results": results,
+        "usage": {"shared_semantic_pixel": total.summary()},
+        "failures": [{"path": p, "reason": r} for p, r in failures[:100]],
+        "warnings": _warnings(tok, spec, lpips),
+        "files": {**{name: [str(out_dir / f) for f in pair_folders(name)] for name in opts.protocols},
+                  "grid": _grid(out_dir, units, loaded, opts)},
+    }
 
 
-def protocol(tok: TokenFlowTokenizer, opts: RfidOptions, spec: FeatureSpec, lpips: LpipsMetric,
-             device: torch.device) -> dict:
-
-    resized = opts.res != tok.image_size
-    lpips_info = {"label": lpips.label, "real_backbone": lpips.real_backbone, "backbone": lpips.backbone_path,
-                  "backbone_sha256": file_sha256(lpips.backbone_path) if lpips.backbone_path else None,
-                  "unavailable": lpips.unavailable or None}
+def _protocol(tok: TokenFlowTokenizer, opts: RfidOptions, spec: FeatureSpec, lpips: LpipsMetric,
+              device: torch.device) -> dict:
+    network = {"feature_extractor": spec.label, "weights": spec.weights_path, "weights_sha256": spec.weights_sha256,
+               "is_real_fid": spec.is_real_fid}
     return {
         "resolution": opts.res,
         "model_resolution": tok.image_size,
-        "crop": CROP,
-        "resize_filter": RESIZE_FILTER,
-        "resized_for_model": resized,
-        "resize_note": (f"resized {opts.res} -> {tok.image_size} before encoding and {tok.image_size} -> "
-                        f"{opts.res} after decoding (bicubic); metrics at {opts.res}") if resized
-        else "none: the model runs at the evaluation resolution",
-        "quantize": QUANTIZE,
-        "saved_as": "PNG (lossless 8-bit RGB); every metric reads these files",
-        "psnr": PSNR_PROTOCOL,
-        "ssim": SSIM_PROTOCOL,
-        "lpips": lpips_info,
-        "fid": {"backend": f"torch-fidelity {torch_fidelity.__version__}", "feature_extractor": spec.label,
-                "extractor_name": spec.extractor, "feature_layer": spec.layer, "weights": spec.weights_path,
-                "weights_sha256": spec.weights_sha256, "is_real_fid": spec.is_real_fid,
-                "kid": opts.kid, "kid_subsets": KID_SUBSETS},
+        "resized_for_model": opts.res != tok.image_size,
+        "official_pair": {"folders": ["gts", "samples"], "loader": pairs.OFFICIAL_LOADER, "crop": pairs.OFFICIAL_CROP,
+                          "resize": pairs.OFFICIAL_RESIZE, "reference": pairs.OFFICIAL_REFERENCE,
+                          "sample": pairs.SAMPLE_QUANTIZE, "psnr": pairs.OFFICIAL_PSNR, "ssim": pairs.OFFICIAL_SSIM},
+        "our_pair": {"folders": ["originals", "reconstructions"],
+                     "crop": pairs.OURS_CROP, "resize": pairs.OURS_RESIZE, "reconstruction": pairs.SAMPLE_QUANTIZE,
+                     "psnr": PSNR_PROTOCOL, "ssim": SSIM_PROTOCOL, "lpips": _lpips_info(lpips)},
+        "fid": {name: {**describe(name), **network, "kid": name == "torch-fidelity" and opts.kid,
+                       **({"backend": f"torch-fidelity {torch_fidelity.__version__}", "kid_subsets": KID_SUBSETS}
+                          if name == "torch-fidelity" else {})} for name in opts.protocols},
         "codebook_usage": "share of the K codes hit by the shared index over all scales; perplexity = exp(entropy)",
         "device": str(device),
         "precision": opts.inference.dtype,
@@ -187,59 +278,13 @@ def protocol(tok: TokenFlowTokenizer, opts: RfidOptions, spec: FeatureSpec, lpip
     }
 
 
-def run_rfid(tok: TokenFlowTokenizer, subsets: list[EvalSubset], out_dir: Path, spec: FeatureSpec,
-             lpips: LpipsMetric, opts: RfidOptions, progress: ProgressFn | None = None) -> dict:
-    """Reconstruct every subset, measure, and return the report (the caller writes it).
+def _lpips_info(lpips: LpipsMetric) -> dict:
+    return {"label": lpips.label, "real_backbone": lpips.real_backbone, "backbone": lpips.backbone_path,
+            "backbone_sha256": file_sha256(lpips.backbone_path) if lpips.backbone_path else None,
+            "unavailable": lpips.unavailable or None}
 
-    The tokenizer is prepared in place for `opts.inference` (eval mode, its dtype, channels-last)."""
 
-    tok = prepare_for_inference(tok, opts.inference)
-    device = next(tok.parameters()).device
-    out_dir = Path(out_dir)
-    started = time.perf_counter()
-    total_usage = UsageCounts(tok.scales, tok.codebook_size)
-    results, per_subset, done = {}, {}, 0
-    for subset in subsets:
-        usage = UsageCounts(tok.scales, tok.codebook_size)
-
-        def advance(n: int, failed: int, base: int = done, usage: UsageCounts = usage) -> None:
-            if progress:
-                share = usage.summary()["shared"]["overall"]["usage"] if usage.counts else 0.0
-                progress(base + n + failed, failed, share)
-
-        pairs = _reconstruct_subset(tok, subset, out_dir, opts, lpips, usage, advance)
-        done += pairs.n + len(pairs.failures)
-        for view, counts in usage.counts.items():
-            total_usage.counts[view] = total_usage.counts.get(view, 0) + counts
-        per_subset[subset.name] = (pairs, usage)
-    recon_s = time.perf_counter() - started
-
-    cache = FeatureCache(spec, cuda=device.type == "cuda", batch_size=opts.fid_batch_size)
-    features = {}
-    for name, (pairs, usage) in per_subset.items():
-        dist = None
-        if pairs.n >= 2:
-            f_orig = cache.features(out_dir / "originals" / name)
-            f_rec = cache.features(out_dir / "reconstructions" / name)
-            features[name] = (f_orig, f_rec)
-            dist = fid_kid(f_orig, f_rec, kid=opts.kid)
-        results[name] = _row(pairs, usage, dist)
-    if len(per_subset) > 1:
-        all_pairs = _merge([p for p, _ in per_subset.values()])
-        dist = None
-        if len(features) == len(per_subset):
-            dist = fid_kid(torch.cat([f[0] for f in features.values()]), torch.cat([f[1] for f in features.values()]),
-                           kid=opts.kid)
-        results["all"] = _row(all_pairs, total_usage, dist)
-
-    columns = [np.concatenate([g for p, _ in per_subset.values() for g in p.grid_orig] or [np.zeros((0, 1, 1, 3))]),
-               np.concatenate([g for p, _ in per_subset.values() for g in p.grid_rec] or [np.zeros((0, 1, 1, 3))])]
-    grid_path = None
-    if len(columns[0]):
-        grid_path = out_dir / "grid.png"
-        save_png(grid(columns, max_rows=len(columns[0])), grid_path)
-
-    failures = [f for p, _ in per_subset.values() for f in p.failures]
+def _warnings(tok: TokenFlowTokenizer, spec: FeatureSpec, lpips: LpipsMetric) -> list[str]:
     warnings = []
     if tok.random_init:
         warnings.append("the tokenizer is RANDOMLY INITIALISED: these numbers say nothing about a trained model")
@@ -247,18 +292,22 @@ def run_rfid(tok: TokenFlowTokenizer, subsets: list[EvalSubset], out_dir: Path, 
         warnings.append(f"distribution metrics use {spec.label}: they are NOT FID/KID and not comparable to papers")
     if not lpips.real_backbone:
         warnings.append(f"LPIPS: {lpips.unavailable or lpips.label}")
-    return {
-        "command": "tokenflow eval rfid",
-        "model": {**tokenizer_id(tok), "resolution": tok.image_size, "codebook_size": tok.codebook_size,
-                  "scales": list(tok.scales)},
-        "protocol": protocol(tok, opts, spec, lpips, device),
-        "data": {s.name: {"description": s.description, "files": len(s.paths)} for s in subsets},
-        "counts": {"images": sum(p.n for p, _ in per_subset.values()), "failed": len(failures)},
-        "results": results,
-        "usage": {"shared_semantic_pixel": total_usage.summary()},
-        "failures": [{"path": p, "reason": r} for p, r in failures[:100]],
-        "warnings": warnings,
-        "files": {"originals": str(out_dir / "originals"), "reconstructions": str(out_dir / "reconstructions"),
-                  "grid": str(grid_path) if grid_path else None},
-        "seconds": {"reconstruct": round(recon_s, 2), "total": round(time.perf_counter() - started, 2)},
-    }
+    return warnings
+
+
+def _grid(out_dir: Path, units: list[store.Unit], loaded: dict[str, store.UnitResult], opts: RfidOptions) -> str | None:
+    """Originals beside reconstructions, the first rows of each subset."""
+    from PIL import Image
+
+    rows: dict[str, list[str]] = {}
+    for unit in units:
+        taken = rows.setdefault(unit.subset, [])
+        taken += loaded[unit.key].names[: opts.grid_rows - len(taken)]
+    names = [(subset, n) for subset, ns in rows.items() for n in ns]
+    if not names:
+        return None
+    columns = [np.stack([np.asarray(Image.open(out_dir / folder / s / n)) for s, n in names])
+               for folder in ("originals", "reconstructions")]
+    path = out_dir / "grid.png"
+    save_png(grid(columns, max_rows=len(names)), path)
+    return str(path)
