@@ -82,6 +82,8 @@ def generate_cmd(
     preset: PresetOpt = None,
     temperature: TemperatureOpt = 1.0,
     prompts: Annotated[Path | None, typer.Option("--prompts", help="File of prompts (.txt lines or .jsonl).")] = None,
+    geneval: Annotated[Path | None, typer.Option("--geneval", help="GenEval metadata (evaluation_metadata.jsonl): "
+                       "write the official evaluator's layout into -o, -n per prompt; resumes.")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for PNGs, grid.png, settings.json.")] = Path(
         "generated"),
     model: GenModelOpt = None,
@@ -99,8 +101,13 @@ def generate_cmd(
     from tokenflow_cli.generation.sampling import format_schedule
     from tokenflow_cli.generation.text_to_image import generate_images
 
-    if (prompt is None) == (prompts is None):
-        raise fail("give a PROMPT or --prompts FILE (not both)")
+    if sum(x is not None for x in (prompt, prompts, geneval)) != 1:
+        raise fail("give one of PROMPT, --prompts FILE or --geneval METADATA")
+    if geneval is not None:
+        _geneval(geneval, output, model, tokenizer, device, dtype, _schedule(preset, passes, [(k1, p1), (k2, p2),
+                 (k3, p3)]), dict(cfg=cfg, negative_prompt=negative_prompt, temperature=temperature, seed=seed,
+                 samples_per_prompt=n, batch_size=batch_size, use_cache=cache))
+        return
     try:
         texts = read_prompts_file(prompts) if prompts else [prompt]
     except (OSError, ValueError) as err:
@@ -138,6 +145,52 @@ def generate_cmd(
     claim.commit()
     console.print(f"{len(result.images)} images ({result.images_per_s:.2f} img/s) -> [bold]{output}[/] "
                   "(grid.png, settings.json)")
+
+
+def _geneval(metadata_file: Path, output: Path, model: str | None, tokenizer: str | None, device: str,
+             dtype: str | None, schedule, given: dict) -> None:
+    """`generate --geneval`: GenEval's evaluator layout, resumable, prompt groups split over torchrun ranks."""
+    from tokenflow_cli.distributed import barrier, init_distributed
+    from tokenflow_cli.generation.geneval_export import (
+        check_geneval_layout,
+        export_geneval,
+        export_record,
+        open_export,
+        read_geneval_metadata,
+    )
+    from tokenflow_cli.generation.sampling import format_schedule
+
+    try:
+        metadata = read_geneval_metadata(metadata_file)
+    except (OSError, ValueError) as err:
+        raise fail(str(err)) from None
+    pipe = load_generator_for_cli(model, tokenizer, device, dtype)
+    dist = init_distributed(next(pipe.model.parameters()).device.type)
+    try:
+        settings = pipe.default_settings(schedule=schedule, **given)
+        record = export_record(pipe, metadata_file, len(metadata), settings)
+        if dist.is_main:
+            resumed = open_export(output, record)
+        barrier()
+        if not dist.is_main:
+            resumed = open_export(output, record)  # checks what rank 0 wrote
+    except ValueError as err:
+        raise fail(str(err)) from None
+    console.print(f"GenEval: {len(metadata)} prompts x {settings.samples_per_prompt} -> [bold]{output}[/]"
+                  f"{' (resuming)' if resumed else ''}; schedule {format_schedule(settings.schedule)}, "
+                  f"cfg {settings.cfg:g}, negative prompt {settings.negative_prompt[:30]!r}", highlight=False)
+    with open_count_bar("geneval") as bar:
+        task = bar.add_task("geneval", total=-(-len(metadata) // dist.world_size) * settings.samples_per_prompt)
+        done = export_geneval(pipe, metadata, output, settings, rank=dist.rank, world_size=dist.world_size,
+                              progress=lambda k: bar.advance(task, k))
+    barrier()
+    if not dist.is_main:
+        return
+    check = check_geneval_layout(output, metadata, settings.samples_per_prompt)
+    if check["problems"]:
+        raise fail(f"{output}: GenEval layout incomplete: {check['problems'][0]}")
+    console.print(f"{check['prompts']} prompt folders, {check['images']} images ({done.generated} prompts "
+                  f"generated here, {done.reused} reused); score them with GenEval's evaluation/evaluate_images.py")
 
 
 @app.command("train-generator")
