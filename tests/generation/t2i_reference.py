@@ -7,7 +7,10 @@ everything at every sampler call, and samples like `autoregressive_infer_cfg`.
 
 `make_official_folder` writes a tiny random model in that layout as a hub-style folder
 (config.json, sharded safetensors with an index or sharded .bin with an index, a sentencepiece
-tokenizer.model with `[PAD]` and the `<vq_token_i>` ids), as a user would have it.
+tokenizer.model with `[PAD]` and the `<vq_token_i>` ids), as a user would have it. Its key names
+are those of `tests/data/tokenflow_t2i_llama2_7b_keys.tsv` (checked by a test), never the names
+the converter happens to expect. The folder the official code itself saved, and what the official
+sampler computed on it, are in `tests/data/official/` (test_t2i_official.py uses both).
 """
 
 from __future__ import annotations
@@ -73,8 +76,9 @@ def official_state(c: TinyT2I, seed: int = 0) -> dict[str, torch.Tensor]:
              "model.lvl_embed.weight": rnd(len(c.scales) + 1, H, std=0.1),
              "model.mm_projector.0.weight": rnd(H, c.code_dim), "model.mm_projector.0.bias": rnd(H),
              "model.mm_projector.2.weight": rnd(H, H), "model.mm_projector.2.bias": rnd(H),
-             "model.image_token_start": torch.tensor(c.image_token_start),
-             "model.image_token_end": torch.tensor(c.vocab - 1)}
+             # registered on the causal LM itself: top-level keys (7B key table, official save path)
+             "image_token_start": torch.tensor(c.image_token_start),
+             "image_token_end": torch.tensor(c.vocab - 1)}
     for i in range(c.layers):
         p = f"model.layers.{i}."
         for name in ("q", "k", "v", "o"):

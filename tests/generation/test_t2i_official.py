@@ -1,14 +1,23 @@
-"""The released t2i model's layout: a tiny random model in the official layout, saved as a
-hub-style folder (sharded safetensors with an index, and sharded .bin), converted by
-`tokenflow convert`, must give the reference's teacher-forced logits, the reference's guided
-logits at every sampler call of one-, two- and three-pass runs, and the same greedy codes
-(t2i_reference.py is our own re-implementation of the official computation)."""
+"""The released t2i model's layout.
+
+1. The folder the official code itself built and saved (tests/data/official/t2i, made by
+   scripts/official_references.py with the official classes and `save_pretrained`), converted,
+   gives the official sampler's greedy codes (one and two passes, cfg 7.5) and teacher-forced
+   logits, which that script recorded by running the official `autoregressive_infer_cfg`.
+2. A folder with exactly the keys of the 7B key table (tiny widths) converts.
+3. A tiny random model in the official layout, saved as a hub-style folder (sharded safetensors
+   with an index, and sharded .bin), gives our re-implementation of the official computation
+   (t2i_reference.py) its guided logits at every sampler call of one-, two- and three-pass runs.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from t2i_reference import OfficialReference, TinyT2I, make_official_folder, official_state
@@ -57,7 +66,7 @@ def test_conversion_maps_every_key_and_reads_the_ids(world: dict, fmt: str) -> N
     assert report.official_keys == len(world["state"])
     assert report.ids["pad"] == C.text_vocab and report.ids["image_token_start"] == C.image_token_start
     assert report.ids["image_marker"] and max(report.ids["image_marker"]) < C.text_vocab
-    assert {"model.image_token_start", "model.image_token_end", "lm_head.weight[:image_token_start]"} <= set(
+    assert {"image_token_start", "image_token_end", "lm_head.weight[:image_token_start]"} <= set(
         report.not_carried)
     loaded = TextToImage.from_pretrained(world["runs"][fmt])
     assert report.written_keys == len(loaded.model.state_dict())
@@ -155,3 +164,79 @@ def test_convert_and_generate_cli_use_the_official_settings(world: dict, tmp_pat
     settings = json.loads((images / "settings.json").read_text())
     assert settings["cfg"] == 7.5 and settings["negative_prompt"] == OFFICIAL_NEGATIVE_PROMPT
     assert settings["schedule"] == "1200:0,100:0" and settings["keep_ties"] is True
+
+
+# ------------------------------------------------------------------- the official code's own run
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+OFFICIAL = DATA / "official"
+OFFICIAL_PROMPTS = ["a photo of a red circle", "two yellow triangles left of a blue square"]  # the script's
+
+
+@pytest.fixture(scope="module")
+def official_run(tmp_path_factory) -> dict:
+    """The official folder converted, with an image tokenizer holding the official codebooks (the
+    t2i computation sees its tokenizer only through them and its scales)."""
+    root = tmp_path_factory.mktemp("t2i_official")
+    ref = dict(np.load(OFFICIAL / "t2i_reference.npz"))
+    scales = [int(s) for s in ref["scales"]]
+    recipe = load_recipe("tiny", TokenizerRecipe, [f"model.quantizer.scales={scales}",
+                                                   f"model.quantizer.codebook_size={len(ref['codebook'])}"])
+    tok = build_tokenizer(recipe.model).eval()
+    codebook = torch.from_numpy(ref["codebook"])  # l2-normalised halves, as the official lookup returns
+    with torch.no_grad():
+        tok.quantizer.semantic_codebook.weight.copy_(codebook[:, :32])
+        tok.quantizer.pixel_codebook.weight.copy_(codebook[:, 32:])
+    torch.testing.assert_close(tok.lookup_codes(torch.arange(len(codebook))), codebook, atol=1e-6, rtol=0)
+    save_model(tok, root / "tok" / WEIGHTS_NAME, tok.config, kind="tokenizer")
+    folder = shutil.copytree(OFFICIAL / "t2i", root / "hub")
+    report = convert_t2i(folder, root / "tok", root / "run")
+    return {"ref": ref, "report": report, "loaded": TextToImage.from_pretrained(root / "run"), "tok": tok}
+
+
+def test_the_folder_the_official_code_saved_converts(official_run: dict) -> None:
+    report, ref = official_run["report"], official_run["ref"]
+    assert report.ids["image_token_start"] == int(ref["image_token_start"])
+    assert {"image_token_start", "image_token_end"} <= set(report.not_carried)  # top-level, as saved
+    assert report.config["codebook_size"] == 64  # the folder's vq_codebook_size
+
+
+def test_official_prompt_ids_and_teacher_forced_logits(official_run: dict) -> None:
+    loaded, ref = official_run["loaded"], official_run["ref"]
+    text = loaded.prompts(OFFICIAL_PROMPTS)
+    assert torch.equal(text.ids_BT, torch.from_numpy(ref["prompt_ids"])[:, :-1])  # last <img> id: our scale 0
+    codes = torch.from_numpy(ref["teacher_codes"])
+    with torch.no_grad():
+        logits = loaded.model(text, loaded.model.scale_inputs(official_run["tok"], codes)).logits_BLK
+    expected = torch.from_numpy(ref["teacher_logits"])
+    torch.testing.assert_close(logits, expected, atol=2e-5 * float(expected.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_greedy_codes_equal_the_official_sampler(official_run: dict, passes: int) -> None:
+    loaded, ref = official_run["loaded"], official_run["ref"]
+    text = loaded.prompts(OFFICIAL_PROMPTS)
+    negative = loaded.prompts([OFFICIAL_NEGATIVE_PROMPT] * len(OFFICIAL_PROMPTS))
+    assert torch.equal(negative.ids_BT[0], torch.from_numpy(ref["negative_ids"])[:-1])
+    codes = loaded.model.generate(official_run["tok"], text, negative, parse_schedule(",".join(["1:0"] * passes)),
+                                  cfg=7.5, generator=torch.Generator().manual_seed(0), keep_ties=True)
+    assert torch.equal(codes, torch.from_numpy(ref[f"greedy_codes_{passes}pass"]))
+
+
+# -------------------------------------------------------------------- the 7B key table, tiny widths
+
+
+def test_a_folder_with_exactly_the_7b_key_names_converts(tmp_path: Path) -> None:
+    with open(DATA / "tokenflow_t2i_llama2_7b_keys.tsv") as fh:
+        table = [row["key"] for row in csv.DictReader(fh, delimiter="\t")]
+    c = TinyT2I(text_vocab=60, layers=32)  # the table's 32 layers, tiny widths
+    torch.manual_seed(0)
+    recipe = load_recipe("tiny", TokenizerRecipe, [f"model.quantizer.scales={list(c.scales)}",
+                                                   f"model.quantizer.codebook_size={c.codebook_size}"])
+    tok = build_tokenizer(recipe.model).eval()
+    save_model(tok, tmp_path / "tok" / WEIGHTS_NAME, tok.config, kind="tokenizer")
+    state = official_state(c)
+    assert sorted(state) == sorted(table)  # the fixture holds the table's names, nothing else
+    report = convert_t2i(make_official_folder(tmp_path / "hub", c, state, "safetensors"), tmp_path / "tok",
+                         tmp_path / "run")
+    assert report.official_keys == len(table) == 363

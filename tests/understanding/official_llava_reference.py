@@ -1,5 +1,8 @@
 """A reference implementation of the official TokenFlow-LLaVA computation, written from the facts
-in `tests/data/I2T.md` (no official code), and tiny hub folders in the official layout.
+in `tests/data/I2T.md` (no official code), and tiny hub folders in the official layout without
+the embedded tokenizer copy. The official code's own run (embedded copy included) is in
+`tests/data/official/` and tested by test_llava_official.py; this reference adds the sharded
+layouts (.bin and safetensors shards with an index) and the hand-written Qwen2 forward.
 
 The reference does everything the official way and shares nothing with our understanding
 package: the prompt is built as `conv_qwen.get_prompt()` builds it and tokenised as
@@ -97,9 +100,10 @@ def official_config(vocab_rows: int, mm_hidden: int) -> dict:
     }
 
 
-def official_state(config: dict, codebooks: tuple[torch.Tensor, torch.Tensor], seed: int = 0) -> dict:
-    """A random official state dict: Qwen2 LM + mm_projector + a tokenizer copy (codebooks and
-    a few other tower keys; the real one has 848)."""
+def official_state(config: dict, seed: int = 0) -> dict:
+    """A random official state dict without the tokenizer copy (Qwen2 LM + mm_projector): a
+    folder whose copy was stripped, converted with the tokenizer given. The embedded copy, as the
+    official code saves and runs it, is tested on the official run (test_llava_official.py)."""
     gen = torch.Generator().manual_seed(seed)
     d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     hd = d // config["num_attention_heads"]
@@ -132,14 +136,6 @@ def official_state(config: dict, codebooks: tuple[torch.Tensor, torch.Tensor], s
         "model.mm_projector.0.bias": rnd(d),
         "model.mm_projector.2.weight": rnd(d, d, scale=0.2),
         "model.mm_projector.2.bias": rnd(d),
-    }
-    tower = "model.vision_tower.vision_tower."
-    sd |= {
-        tower + "quantize.embedding_vqkd.weight": codebooks[0].clone(),
-        tower + "quantize.embedding_vqgan.weight": codebooks[1].clone(),
-        tower + "quantize.codebook_used": torch.zeros(8),
-        tower + "encoder.conv_in.weight": rnd(8, 3, 3, 3),
-        tower + "encoder_vqkd.vision_model.embeddings.patch_embedding.weight": rnd(8, 3, 2, 2),
     }
     return sd
 

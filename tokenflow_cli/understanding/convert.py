@@ -69,6 +69,7 @@ GENERATION_CONFIG = "generation_config.json"  # the release's generation default
 OFFICIAL_TOKENIZER_SUFFIXES = (".pt", ".pth", ".ckpt")
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")  # the qwen_2_5 template needs both
+VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")  # cut to the tokenizer's ids (_official_rows)
 
 
 @dataclass
@@ -160,19 +161,21 @@ def _convert_into(
     override: bool,
 ) -> LlavaConversionReport:
     lm_config, llava_fields = lm_config_dict(folder.config)
-    given = _given_tokenizer(tokenizer_checkpoint, tmp) if tokenizer_checkpoint else None
+    given = _given_tokenizer(tokenizer_checkpoint, tmp, tokenizer_config) if tokenizer_checkpoint else None
     code_dim = embedded_code_dim(folder)
     if code_dim is None and given is None:
         raise ConversionError(f"{folder.root} holds no copy of its image tokenizer ({TOWER_COPY_PREFIX}*): "
                               "give the tokenizer it was trained with (--tokenizer tokenflow_siglip_32k.pt)")
     code_dim = code_dim if code_dim is not None else _tokenizer_geometry(given[0])[0]
     plan = plan_conversion(folder, lm_config, llava_fields, code_dim)
-    written, params, projector, tower = _copy_lm(folder, plan, tmp, out_dtype)
+    ids = _text_tokenizer(folder, tmp, lm_config)
+    rows, vocab_note = _official_rows(ids, lm_config)
+    written, params, projector, tower = _copy_lm(folder, plan, tmp, out_dtype, rows)
     tokenizer_path, tokenizer_source, origin, notes = _choose_tokenizer(plan, tower, given, tmp, tokenizer_config,
                                                                        override)
     del tower
     code_dim, grid = _tokenizer_geometry(tokenizer_path)
-    ids = _text_tokenizer(folder, tmp, lm_config)
+    notes += vocab_note
     if (folder.root / GENERATION_CONFIG).is_file():
         shutil.copyfile(folder.root / GENERATION_CONFIG, tmp / GENERATION_CONFIG)
     dtype = out_dtype or _stored_dtype(plan)
@@ -234,12 +237,12 @@ def _stored_dtype(plan: ConversionPlan) -> torch.dtype:
     return getattr(torch, floating[0]) if len(floating) == 1 else torch.float32
 
 
-def _given_tokenizer(checkpoint: str | Path, out: Path) -> tuple[Path, str]:
+def _given_tokenizer(checkpoint: str | Path, out: Path, config: ModelConfig | None) -> tuple[Path, str]:
     """(weights file, its name) of the tokenizer given; an official `.pt` is converted into
-    `out` first (its sizes from the file)."""
+    `out` first (`config`: its architecture when not a release variant)."""
     path = Path(checkpoint)
     if path.suffix in OFFICIAL_TOKENIZER_SUFFIXES:
-        convert_checkpoint(path, out / GIVEN_TOKENIZER_NAME)
+        convert_checkpoint(path, out / GIVEN_TOKENIZER_NAME, config=config)
         return out / GIVEN_TOKENIZER_NAME, path.name
     try:
         path = resolve_weights_path(path).resolve()
@@ -290,12 +293,24 @@ def _tokenizer_geometry(path: Path) -> tuple[int, int]:
     return int(quantizer["semantic_dim"]) + int(quantizer["pixel_dim"]), int(quantizer["scales"][-1])
 
 
+def _official_rows(ids: dict[str, int], lm_config: dict) -> tuple[int, list[str]]:
+    """The vocabulary the official loader runs: `load_pretrained_model` calls
+    `resize_token_embeddings(len(tokenizer))` (builder.py:177), cutting the padded rows of the
+    embeddings and `lm_head` (152064 -> the tokenizer's 151665 ids for Qwen2.5), so no padded id
+    is ever generated. `lm_config` is updated."""
+    rows, stored = ids["<image>"], int(lm_config["vocab_size"])  # `<image>` is added after the saved ids
+    if rows >= stored:
+        return stored, []
+    lm_config["vocab_size"] = ids["embedding_rows"] = rows
+    return rows, [f"vocabulary cut from {stored} to the tokenizer's {rows} ids, as the official loader does"]
+
+
 def _copy_lm(
-    folder: HubFolder, plan: ConversionPlan, out: Path, dtype: torch.dtype | None
+    folder: HubFolder, plan: ConversionPlan, out: Path, dtype: torch.dtype | None, rows: int
 ) -> tuple[int, int, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Write the LM shard by shard (transformers' sharded layout); returns (shards written,
-    elements written, the projector state, the embedded tokenizer under its own names, in its
-    stored dtype)."""
+    """Write the LM shard by shard (transformers' sharded layout), its embeddings and `lm_head`
+    cut to `rows`; returns (shards written, elements written, the projector state, the embedded
+    tokenizer under its own names, in its stored dtype)."""
     lm_shards = [
         s for s in folder.shards if folder.weight_map is None or any(folder.weight_map[k] == s.name for k in plan.lm)
     ]
@@ -314,6 +329,8 @@ def _copy_lm(
             if target is None and key not in plan.projector:
                 continue
             tensor = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            if target in VOCAB_ROWS:
+                tensor = tensor[:rows]
             if target is None:
                 projector[plan.projector[key]] = tensor.clone()
                 continue
