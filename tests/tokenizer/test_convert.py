@@ -42,6 +42,7 @@ from tokenflow_cli.tokenizer.config import (
 )
 from tokenflow_cli.tokenizer.convert import (
     ConversionError,
+    apply_file_sizes,
     convert_checkpoint,
     convert_state_dict,
     guess_variant,
@@ -161,6 +162,18 @@ def test_full_size_layout_maps_completely_on_meta(variant):
     if spec.tower == "siglip":
         assert any("layers 26..26" in n and "30,480,160" in n for n in notes)
         assert any("stored, not needed" in n for n in notes)
+
+
+def test_sizes_come_from_the_file_and_a_given_recipe_must_agree():
+    spec = dataclasses.replace(CLIPB_224_ENHANCED, codebook=64)  # an official build with K = 64
+    official = fabricate(spec, device="meta")
+    variant = guess_variant(official)[0]
+    cfg, notes = apply_file_sizes(variant_config(variant), official, explicit=False)
+    assert cfg.quantizer.codebook_size == 64 and "from the file" in notes[0] and "says 32768" in notes[0]
+    ours, _ = convert_state_dict(official, cfg)
+    assert ours["quantizer.semantic_codebook.weight"].shape == (64, 32)
+    with pytest.raises(ConversionError, match=r"codebook_size=32768 in the recipe, 64 in the file"):
+        apply_file_sizes(variant_config(variant), official, explicit=True)
 
 
 def test_variant_guess_needs_known_decoder_width():
@@ -333,6 +346,24 @@ def test_cli_convert(tmp_path, small_towers, cli_error):
 
 
 # ------------------------------------------------------------------------------ slow: full file
+
+
+@pytest.mark.slow
+def test_cli_converts_and_encodes_an_official_k64_file_without_a_recipe(tmp_path):
+    from typer.testing import CliRunner
+
+    from tokenflow_cli.cli.app import app
+
+    official = fabricate(dataclasses.replace(CLIPB_224, codebook=64), seed=0)
+    src = _save_official(tmp_path / "tokenflow_clipb_64.pt", official)
+    del official
+    out = tmp_path / "ours.safetensors"
+    result = CliRunner().invoke(app, ["convert", str(src), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "codebook_size = 64 from the file" in " ".join(result.output.split())
+    tok = load_tokenizer(out)
+    indices = tok.img_to_codes(torch.rand(2, 3, 224, 224) * 2 - 1).indices
+    assert indices.shape == (2, 561) and int(indices.max()) < 64
 
 
 @pytest.mark.slow
