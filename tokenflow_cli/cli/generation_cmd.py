@@ -176,9 +176,10 @@ def _geneval(metadata_file: Path, output: Path, model: str | None, tokenizer: st
             resumed = open_export(output, record)  # checks what rank 0 wrote
     except ValueError as err:
         raise fail(str(err)) from None
-    console.print(f"GenEval: {len(metadata)} prompts x {settings.samples_per_prompt} -> [bold]{output}[/]"
-                  f"{' (resuming)' if resumed else ''}; schedule {format_schedule(settings.schedule)}, "
-                  f"cfg {settings.cfg:g}, negative prompt {settings.negative_prompt[:30]!r}", highlight=False)
+    if dist.is_main:  # the other ranks only checked the settings rank 0 wrote
+        console.print(f"GenEval: {len(metadata)} prompts x {settings.samples_per_prompt} -> [bold]{output}[/]"
+                      f"{' (resuming)' if resumed else ''}; schedule {format_schedule(settings.schedule)}, "
+                      f"cfg {settings.cfg:g}, negative prompt {settings.negative_prompt[:30]!r}", highlight=False)
     with open_count_bar("geneval") as bar:
         task = bar.add_task("geneval", total=-(-len(metadata) // dist.world_size) * settings.samples_per_prompt)
         done = export_geneval(pipe, metadata, output, settings, rank=dist.rank, world_size=dist.world_size,
