@@ -91,19 +91,20 @@ def test_tokenize_compile_on_cuda(tmp_path, device):
     if device.type != "cuda":
         pytest.skip("compile is checked on CUDA (minutes on a small CPU)")
     from PIL import Image
-    from tokenflow_cli.tokenizer.pipeline import resolve_tokenizer, tokenize_paths
 
     from tokenflow_cli.tokenizer.codes import read_codes
+    from tokenflow_cli.tokenizer.resolve import resolve_tokenizer
+    from tokenflow_cli.tokenizer.tokenize import tokenize_paths
 
     paths = []
     for i, img in enumerate(((_images(80, n=6) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)):
         paths.append(tmp_path / f"{i}.jpg")
         Image.fromarray(img.numpy()).save(paths[-1])
-    resolved = resolve_tokenizer("tiny", device)
-    plain = tokenize_paths(resolved, paths, tmp_path / "plain.npz", batch_size=4, workers=2)
-    resolved.tokenizer = prepare_for_inference(resolved.tokenizer, InferenceOptions(compile=True))
+    tok = resolve_tokenizer("tiny", device)
+    plain = tokenize_paths(tok, paths, tmp_path / "plain.npz", batch_size=4, workers=2)
+    tok = prepare_for_inference(tok, InferenceOptions(compile=True))
     with inference_context():
-        compiled = tokenize_paths(resolved, paths, tmp_path / "compiled.npz", batch_size=4, workers=2)
+        compiled = tokenize_paths(tok, paths, tmp_path / "compiled.npz", batch_size=4, workers=2)
     assert plain.n_images == compiled.n_images == 6
     a, b = read_codes(tmp_path / "plain.npz").indices, read_codes(tmp_path / "compiled.npz").indices
     assert float(np.mean(np.asarray(a) == np.asarray(b))) >= 0.95  # fused kernels round differently
