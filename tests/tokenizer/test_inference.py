@@ -92,6 +92,32 @@ def test_unknown_dtype_is_refused():
         InferenceOptions(dtype="int8")
 
 
+def test_tf32_is_fp32_networks_with_tf32_math_and_every_other_mode_turns_tf32_off(tiny_tokenizer):
+    opts = InferenceOptions.from_name("tf32")
+    assert (opts.dtype, opts.tf32, opts.describe()["dtype"]) == ("fp32", True, "tf32")
+    assert not InferenceOptions.from_name("bf16").tf32
+    seen = []
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # PyTorch's cuDNN default
+    try:
+        quantizer = tiny_tokenizer.quantizer
+        original = quantizer.forward
+
+        def spy(*args, **kwargs):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            return original(*args, **kwargs)
+
+        quantizer.forward = spy
+        try:
+            tiny_tokenizer.img_to_codes(_images(tiny_tokenizer.image_size))
+        finally:
+            del quantizer.forward
+        assert seen == [(False, False)]  # strict fp32 inside encode: the official fp32 computation
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)  # restored
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.mark.slow  # torch.compile of two CNNs takes a minute or more on 2 cores
 def test_compile_flag_path_gives_the_same_indices(tiny_tokenizer, record_property):
     img = _images(tiny_tokenizer.image_size)

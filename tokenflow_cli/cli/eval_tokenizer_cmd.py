@@ -92,7 +92,7 @@ def rfid_cmd(
     from tokenflow_cli.weights import MissingWeightsError
 
     try:
-        inference = InferenceOptions(dtype=dtype, compile=compile_model, scope="decoders")
+        inference = InferenceOptions.from_name(dtype, compile=compile_model, scope="decoders")
         protocols = tuple(parse_protocols(protocol))
     except ValueError as err:
         raise fail(str(err)) from None

@@ -51,7 +51,7 @@ def _load_model(model: str | None, device: str, codes: Path | None = None, dtype
     console.print(f"model: [cyan]{tok.source}[/]{note}")
     if dtype != "fp32" or compile_model:
         try:
-            options = InferenceOptions(dtype=dtype, compile=compile_model, scope=scope)
+            options = InferenceOptions.from_name(dtype, compile=compile_model, scope=scope)
         except ValueError as err:
             raise fail(str(err)) from None
         prepare_for_inference(tok, options)
@@ -127,8 +127,8 @@ def tokenize_cmd(
     source = _open_inputs(inputs, image_column)
     tok = _load_model(model, device, dtype=dtype, compile_model=compile_model)
     if dtype != "fp32":
-        err_console.print(f"[yellow]warning:[/] encoding in {dtype} changes many indices against fp32 "
-                          "(docs/RESULTS.md: 7-29% agree on the released layouts); keep fp32 when codes matter")
+        err_console.print(f"note: {dtype} codes differ from fp32 codes index for index but reconstruct as well "
+                          "(docs/RESULTS.md, 'Fast tokenize modes'); use fp32 where codes must match fp32 codes")
     with image_progress(source.count or 0, "tokenize") as update:
         try:
             if shard_size:

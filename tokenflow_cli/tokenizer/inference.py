@@ -18,6 +18,10 @@ What changes and what does not (measured in benchmarks/inference.py, docs/RESULT
   image. Encoding at bf16 changes most indices (one early flip changes every later scale's
   residual; ~29% agree on clipb-256-enhanced), so `tokenize` should stay fp32 when codes matter;
   `scope="decoders"` keeps the encoders fp32 (exact indices) and decodes in bf16.
+- tf32 (CUDA only) keeps the networks fp32 but lets matmuls and cuDNN convolutions round their
+  inputs to TF32 (about 3x fp32 on an H200; 89-99% of indices agree). Every other mode runs with
+  TF32 off inside encode/decode (`matmul_precision`), so fp32 on CUDA is the official fp32
+  computation and gives the CPU indices; PyTorch's own default lets cuDNN convolve fp32 in TF32.
 - `compile` wraps the pixel encoder and decoder in `torch.compile` (fuses GroupNorm, swish and
   the residual adds); the first batch of each shape compiles (minutes on 2 cores).
 """
@@ -48,6 +52,12 @@ class InferenceOptions:
     compile: bool = False  # torch.compile the pixel encoder and decoder (slow first batch per shape)
     channels_last: bool = True  # NHWC convolutions: same math, oneDNN's fastest layout on CPU
     scope: str = "all"  # parts in `dtype`: "all", or "decoders" (encoders fp32: exact indices, fast decode)
+    tf32: bool = False  # CUDA: fp32 matmuls/convolutions in TF32 (faster; not the official fp32 computation)
+
+    @classmethod
+    def from_name(cls, name: str, **kwargs) -> InferenceOptions:
+        """A `--dtype` value: a precision name (fp32, bf16, fp16), or `tf32` (fp32 networks, TF32 math)."""
+        return cls(dtype="fp32", tf32=True, **kwargs) if name == "tf32" else cls(dtype=name, **kwargs)
 
     def __post_init__(self) -> None:
         dtype_of(self.dtype)  # a ValueError naming the choices
@@ -60,7 +70,7 @@ class InferenceOptions:
 
     def describe(self) -> dict:
         """What a report should say about how the numbers were computed."""
-        return {"dtype": self.dtype, "scope": self.scope, "compile": self.compile,
+        return {"dtype": "tf32" if self.tf32 else self.dtype, "scope": self.scope, "compile": self.compile,
                 "channels_last": self.channels_last, "quantizer": "fp32"}  # fmt: skip
 
 
@@ -89,6 +99,18 @@ def inference_context() -> Iterator[None]:
     their dtype and cast their inputs, so nothing is re-cast per call and the quantizer stays fp32."""
     with torch.inference_mode():
         yield
+
+
+@contextlib.contextmanager
+def matmul_precision(tf32: bool) -> Iterator[None]:
+    """CUDA matmuls and cuDNN convolutions with TF32 allowed or not, restored afterwards (the flags
+    are process-wide; PyTorch's default allows TF32 in cuDNN convolutions)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def options_of(tok: nn.Module) -> InferenceOptions:

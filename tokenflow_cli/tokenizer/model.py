@@ -28,7 +28,7 @@ from tokenflow_cli.checkpoint import WEIGHTS_NAME, load_state, require_kind, res
 from tokenflow_cli.config import from_dict, to_dict
 from tokenflow_cli.pretrained import Pretrained, Provenance
 from tokenflow_cli.tokenizer.config import ModelConfig
-from tokenflow_cli.tokenizer.inference import InferenceOptions, prepare_for_inference
+from tokenflow_cli.tokenizer.inference import InferenceOptions, matmul_precision, options_of, prepare_for_inference
 from tokenflow_cli.tokenizer.pixel import PixelDecoder, PixelEncoder, downsample_factor
 from tokenflow_cli.tokenizer.preprocess import ImageInput, to_batch, to_pil
 from tokenflow_cli.tokenizer.quantizer import MultiScaleDualQuantizer
@@ -172,7 +172,8 @@ class TokenFlowTokenizer(nn.Module, Pretrained):
         was_training = self.quantizer.training
         self.quantizer.eval()
         try:
-            out = self.quantizer(self.encode_features(img_B3HW))
+            with matmul_precision(options_of(self).tf32):
+                out = self.quantizer(self.encode_features(img_B3HW))
         finally:
             self.quantizer.train(was_training)
         return MultiScaleCodes(torch.cat(out.indices, dim=1), self.scales)
@@ -207,7 +208,8 @@ class TokenFlowTokenizer(nn.Module, Pretrained):
         return tokens.to(f_BChw.dtype)
 
     def codes_to_img(self, codes: MultiScaleCodes | torch.Tensor) -> torch.Tensor:
-        return self.features_to_img(self.codes_to_features(codes))
+        with matmul_precision(options_of(self).tf32):
+            return self.features_to_img(self.codes_to_features(codes))
 
     def lookup_codes(self, idx_Bl: torch.Tensor) -> torch.Tensor:
         """(B, l) indices -> (B, l, C) normalised concatenated code vectors."""
@@ -265,14 +267,14 @@ class TokenFlowTokenizer(nn.Module, Pretrained):
     @classmethod
     def _load(cls, path: Path, device: str | torch.device = "cpu", dtype: str | None = None) -> TokenFlowTokenizer:
         """A tokenizer checkpoint (a .safetensors file or a run folder) rebuilt from its own
-        config; `dtype` (fp32 | bf16 | fp16) readies it for inference at that precision."""
+        config; `dtype` (fp32 | bf16 | fp16 | tf32) readies it for inference at that precision."""
         weights = resolve_weights_path(path)
         state, meta = load_state(weights, device="cpu")
         cfg = from_dict(ModelConfig, require_kind(meta, weights, "tokenizer"), source=str(weights))
         tok = cls(cfg, provenance=Provenance(str(weights)), towers_from_checkpoint=True)
         tok.load_state_dict(state, strict=True)
         tok = tok.to(device).eval()
-        return prepare_for_inference(tok, InferenceOptions(dtype=dtype)) if dtype else tok
+        return prepare_for_inference(tok, InferenceOptions.from_name(dtype)) if dtype else tok
 
     def _save_pretrained(self, save_directory: Path) -> None:
         self.save_checkpoint(Path(save_directory) / WEIGHTS_NAME)
