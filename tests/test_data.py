@@ -12,11 +12,10 @@ import torch
 from PIL import Image
 
 from tokenflow_cli.data.captions import export_llava, load_captions, read_jsonl
+from tokenflow_cli.data.dataset import ImageDataset, collate_skip_bad
 from tokenflow_cli.data.images import (
-    ImageDataset,
     ImageLoadError,
     ImageSourceError,
-    collate_skip_bad,
     from_tensor_pm1,
     list_images,
     load_image,

@@ -23,9 +23,12 @@ CodesArg = Annotated[str, typer.Argument(help="A codes file, a sharded codes fol
 def info_cmd(path: CodesArg) -> None:
     """Images, the tokenizer that made them, and codebook usage per scale."""
     from tokenflow_cli.errors import UserError
-    from tokenflow_cli.tokenizer.codes_summary import summarize_codes
+    from tokenflow_cli.tokenizer.codes import list_codes_files
 
     try:
+        list_codes_files(path)  # a missing input fails here, before torch loads
+        from tokenflow_cli.tokenizer.codes_summary import summarize_codes
+
         summary = summarize_codes(path)
     except (UserError, FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None

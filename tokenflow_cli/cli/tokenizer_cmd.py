@@ -115,16 +115,17 @@ def tokenize_cmd(
 ) -> None:
     """Images -> multi-scale shared indices in one .npz (per-scale views in the reader), or a
     resumable folder of shards (--shard-size). Runs under torchrun across processes and nodes."""
+    if resume and shard_size is None:
+        raise fail("--resume needs --shard-size (a one-file output is written whole or not at all)")
+    claim = claim_output(output, "run" if shard_size else "file", "tokenize")  # before any image is encoded
+    source = _open_inputs(inputs, image_column)
+    # torch comes in from here on: a bad input or output above fails without its start-up
     from tokenflow_cli.cli.progress import image_progress
     from tokenflow_cli.data.images import ImageLoadError
     from tokenflow_cli.errors import UserError
     from tokenflow_cli.tokenizer.sharded import tokenize_distributed
     from tokenflow_cli.tokenizer.shards import tokenize_to_shards
 
-    if resume and shard_size is None:
-        raise fail("--resume needs --shard-size (a one-file output is written whole or not at all)")
-    claim = claim_output(output, "run" if shard_size else "file", "tokenize")  # before any image is encoded
-    source = _open_inputs(inputs, image_column)
     tok = _load_model(model, device, dtype=dtype, compile_model=compile_model)
     if dtype != "fp32":
         err_console.print(f"note: {dtype} codes differ from fp32 codes index for index but reconstruct as well "
@@ -168,15 +169,16 @@ def reconstruct_cmd(
 ) -> None:
     """Images or a codes file -> reconstructed PNGs, plus an original | reconstruction grid.
     The folder is written beside -o and swapped in whole when every image is done."""
-    from tokenflow_cli.cli.progress import image_progress
-    from tokenflow_cli.data.images import ImageLoadError
     from tokenflow_cli.tokenizer.codes import MANIFEST_NAME
-    from tokenflow_cli.tokenizer.reconstruct import reconstruct_codes_file, reconstruct_images
 
     is_codes = (inputs.endswith(".npz") and Path(inputs).is_file()) or (Path(inputs) / MANIFEST_NAME).is_file()
     claim = claim_output(output, "folder", "reconstruct", overwrite)
+    paths = [] if is_codes else _list_inputs(inputs)  # a bad input fails here, before torch loads
+    from tokenflow_cli.cli.progress import image_progress
+    from tokenflow_cli.data.images import ImageLoadError
+    from tokenflow_cli.tokenizer.reconstruct import reconstruct_codes_file, reconstruct_images
+
     tok = _load_model(model, device, Path(inputs) if is_codes else None, dtype, compile_model, "decoders")
-    paths = [] if is_codes else _list_inputs(inputs)
     total = 0 if is_codes else len(paths)
     with image_progress(total, "reconstruct") as update:
         try:

@@ -2,6 +2,9 @@
 
 Conventions (docs/ARCHITECTURE.md): tensors given to the tokenizer are float (3, H, W) in
 [-1, 1], made exactly like the official pipeline (to-tensor, then mean 0.5 / std 0.5).
+Listing and loading do not import torch (the tensor conversions import it when first called), so
+a command can check its inputs and fail without torch's start-up; the training dataset is in
+data/dataset.py.
 """
 
 from __future__ import annotations
@@ -9,16 +12,16 @@ from __future__ import annotations
 import glob
 import io
 import json
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import RandomResizedCrop  # torch RNG: seeded per DataLoader worker
 
 from tokenflow_cli.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
@@ -192,6 +195,8 @@ def to_tensor_pm1(img: Image.Image) -> torch.Tensor:
 def uint8_to_pm1(x_BHW3: np.ndarray) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]: the official ToTensor + Normalize(0.5, 0.5)
     arithmetic, (x / 255 - 0.5) / 0.5; the one conversion every input path uses."""
+    import torch
+
     unit_B3HW = torch.from_numpy(np.array(x_BHW3, dtype=np.uint8)).permute(0, 3, 1, 2).float().div(255.0)
     return (unit_B3HW - 0.5) / 0.5
 
@@ -203,81 +208,7 @@ def from_tensor_pm1(img: torch.Tensor) -> np.ndarray:
     i.e. round-half-up of the usual (x + 1) * 127.5, so `from_tensor_pm1(to_tensor_pm1(im))`
     returns the original bytes exactly.
     """
+    import torch
+
     values = (127.5 * img.detach().float().cpu() + 128.0).clamp(0, 255).to(torch.uint8)
     return values.movedim(-3, -1).numpy()
-
-
-# ---------------------------------------------------------------------------------------------
-# Dataset
-
-
-def _random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float]) -> Image.Image:
-    top, left, height, width = RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])
-    return img.resize((size, size), Image.BICUBIC, box=(left, top, left + width, top + height))
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Lazily loaded images as dicts: {"image": (3, size, size) in [-1, 1], "path", "index"}.
-
-    Train mode: random resized crop (area range `crop_scale`; (1, 1) means resize + centre crop)
-    and horizontal flip; eval mode: `resize_center_crop`. An unreadable file raises when
-    `strict`, otherwise gives {"error", "path", "index"}, which `collate_skip_bad` drops and
-    records, so one bad file does not stop a long DataLoader run.
-    """
-
-    def __init__(
-        self,
-        paths: Sequence[str | Path],
-        size: int,
-        train: bool = False,
-        crop_scale: tuple[float, float] = (0.8, 1.0),
-        hflip: bool = True,
-        strict: bool = False,
-    ) -> None:
-        # One numpy string buffer instead of a list of Path objects: forked DataLoader workers
-        # touching Python objects copy their pages (refcounts), which grows memory with the list.
-        self.paths = np.array([str(p) for p in paths])
-        self.size = size
-        self.train = train
-        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
-        self.hflip = hflip
-        self.strict = strict
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def _transform(self, img: Image.Image) -> Image.Image:
-        if not self.train or self.crop_scale[0] >= 1.0:
-            img = resize_center_crop(img, self.size)
-        else:
-            img = _random_resized_crop(img, self.size, self.crop_scale)
-        if self.train and self.hflip and torch.rand(()) < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return img
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        path = str(self.paths[index])
-        try:
-            img = load_image(path)
-        except ImageLoadError as err:
-            if self.strict:
-                raise
-            return {"error": err.reason, "path": path, "index": index}
-        return {"image": to_tensor_pm1(self._transform(img)), "path": path, "index": index}
-
-
-def collate_skip_bad(items: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """Batch the good items; list the bad ones.
-
-    Returns {"image": (B, 3, H, W) or None when every item failed, "path": [...],
-    "index": LongTensor (B,), "skipped": [paths], "errors": [reasons]}.
-    """
-    good = [item for item in items if item is not None and "image" in item]
-    bad = [item for item in items if item is not None and "image" not in item]
-    return {
-        "image": torch.stack([item["image"] for item in good]) if good else None,
-        "path": [item["path"] for item in good],
-        "index": torch.tensor([item["index"] for item in good], dtype=torch.long),
-        "skipped": [item["path"] for item in bad],
-        "errors": [item.get("error", "unknown error") for item in bad],
-    }

@@ -5,7 +5,8 @@ Every kind is an `ImageSource`: an ordered stream of `SourceItem(key, payload)` 
 lazily, so memory stays flat in the number of images. `payload` is a path (files) or the encoded
 bytes of one image (tar members, dataset cells); `data.images.load_image` decodes either, and an
 undecodable item is reported and skipped exactly like a bad file. `key` names the item in codes
-files and error lines: the path, `shard.tar#<__key__>`, or `<dataset>#<row>`.
+files and error lines: the path, `shard.tar#<__key__>`, or `<dataset>#<row>`. Opening a source
+does not import torch (only decoding does), so a command checks its input before torch loads.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tokenflow_cli.data.images import (
     IMAGE_EXTENSIONS,
@@ -28,6 +28,9 @@ from tokenflow_cli.data.images import (
     resize_center_crop,
     to_tensor_pm1,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -268,6 +271,8 @@ def decode_batch(items: list[SourceItem], size: int, strict: bool = False,
                  pool: ThreadPoolExecutor | None = None) -> DecodedBatch:
     """Decode and centre-crop `items` (in a thread pool when given: PIL decodes outside the GIL).
     Bad items are listed in `failures` (raised with `strict`); order is kept."""
+    import torch  # here, not at the top: opening a source stays torch-free (CLI start-up)
+
     decoded = list(pool.map(lambda it: _decode(it, size, strict), items)) if pool else [
         _decode(it, size, strict) for it in items]
     good = [(item.key, out) for item, out in zip(items, decoded) if isinstance(out, torch.Tensor)]

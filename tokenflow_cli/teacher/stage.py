@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from tokenflow_cli.checkpoint import WEIGHTS_NAME
 from tokenflow_cli.data.captions import read_jsonl
-from tokenflow_cli.data.images import ImageDataset
+from tokenflow_cli.data.dataset import ImageDataset
 from tokenflow_cli.data.shapes import render_shapes_world
 from tokenflow_cli.errors import UserError
 from tokenflow_cli.fileio import atomic_write_bytes

@@ -5,9 +5,12 @@ module re-derives it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch only in annotations: reading a codes file stays torch-free
+    import torch
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenflow_cli.config import ConfigError, TrainConfig
-from tokenflow_cli.data.images import ImageDataset, collate_skip_bad, list_images
+from tokenflow_cli.data.dataset import ImageDataset, collate_skip_bad
+from tokenflow_cli.data.images import list_images
 from tokenflow_cli.device import seed_everything
 from tokenflow_cli.eval.image_metrics import MissingLpipsBackboneError, Perceptual, build_lpips, psnr_uint8
 from tokenflow_cli.eval.visual import grid, save_png, to_uint8
