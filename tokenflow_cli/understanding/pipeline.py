@@ -9,7 +9,10 @@ through (what `ask` and `eval vqa` share).
 A model folder records the tokenizer it was trained on (`tokenizer_source`, and its sha256 when
 it was a file); `tokenizer=` replaces it, e.g. after moving the files. The LM loads in the
 precision the model records (`llm_dtype`: bf16 for a converted release) unless `dtype` names
-another; the projector and the visual features stay fp32.
+another; with fp32 and bf16 the projector and the visual features stay fp32 (the official
+computation in fp32). `dtype="fp16"` is the release as its own loader runs it: LM, projector and
+image tokenizer in float16, features computed as the official code does in fp16
+(`release_fp16.py`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from tokenflow_cli.understanding.build import locate_llava
 from tokenflow_cli.understanding.data import pad_to_square
 from tokenflow_cli.understanding.features import TokenizerFeatures, build_feature_source
 from tokenflow_cli.understanding.model import LLAVA_JSON, LlavaModel
+from tokenflow_cli.understanding.release_fp16 import ReleaseFp16Features
 from tokenflow_cli.weights import DEFAULT_LLAVA
 
 IMAGE_TOKENIZER_NAME = "image_tokenizer.safetensors"  # the tokenizer copy `save_pretrained` writes
@@ -56,12 +60,12 @@ class Understanding(Pretrained):
 
     defaults = DEFAULT_LLAVA
 
-    def __init__(self, model: LlavaModel, features: TokenizerFeatures, model_dir: Path | None = None,
-                 dtype: str = "fp32", warnings: list[str] | None = None) -> None:
+    def __init__(self, model: LlavaModel, features: TokenizerFeatures | ReleaseFp16Features,
+                 model_dir: Path | None = None, dtype: str = "fp32", warnings: list[str] | None = None) -> None:
         self.model = model
         self.features = features
         self.model_dir = model_dir  # the folder it was loaded from (None: built in memory)
-        self.dtype = dtype  # the LM's precision: fp32 | bf16 | fp16
+        self.dtype = dtype  # the LM's precision: fp32 | bf16 | fp16 (fp16: everything, as the release runs)
         self.warnings = list(warnings or [])  # to be shown: random init, hash mismatch
 
     @property
@@ -120,7 +124,13 @@ class Understanding(Pretrained):
         expected = llava.extra.get("tokenizer_sha256")
         if expected and Path(tok.source).is_file() and file_sha256(tok.source) != expected:
             warnings.append(f"tokenizer {tok.source} differs from the one the model was trained on")
-        features = build_feature_source(tok, llava.config.features, llava.config.feature_grid)
+        if dtype == "fp16":  # the official loader's float16 run
+            if llava.config.features != "tokenflow":
+                raise ValueError(f"--dtype fp16 runs the release's tokenflow features, not {llava.config.features!r}")
+            features = ReleaseFp16Features(tok, llava.config.feature_grid)
+            llava.projector.to(torch.float16)
+        else:
+            features = build_feature_source(tok, llava.config.features, llava.config.feature_grid)
         if (features.num_tokens, features.feature_dim) != (llava.num_visual_tokens, llava.feature_dim):
             raise ValueError(
                 f"tokenizer {tok.source} gives {features.num_tokens} x {features.feature_dim} "
