@@ -8,14 +8,15 @@ papers argue about:
 - `tokenflow`: what the paper's numbers come from: the official `reconstruction_vq_ddp.py` writes
   `samples/` and `gts/` PNGs and runs its vendored pytorch-fid (`evaluations/vq/pytorch_fid.py`):
   PIL -> ToTensor ([0, 1] floats) -> torch bilinear resize to 299 (align_corners=False) -> 2x - 1
-  -> pool3; statistics in float64 (`np.mean`, `np.cov`), scipy `sqrtm`.
+  -> pool3; statistics in float64 (`np.mean`, `np.cov`), scipy `sqrtm` (here: its trace from
+  eigenvalues, `trace_sqrt_product`, equal to ~1e-6 relative).
 - `torch-fidelity`: torch-fidelity's `calculate_metrics`: uint8 -> TF1-style bilinear resize to
   299 -> (x - 128) / 128 -> pool3; its own statistics; KID beside FID.
 - `clean-fid`: the clean-fid package's "clean" mode, run by clean-fid itself
   (`cleanfid.fid.get_files_features`: its loader and its resize, PIL bicubic per channel on
   float32 without re-quantising) with our Inception as its feature extractor (clean-fid applies
   (x - 128) / 128 before its TorchScript network; so do we); statistics as `compare_folders`
-  (float32 mean, `np.cov`), scipy `sqrtm`.
+  (float32 mean, `np.cov`), scipy `sqrtm` (here too from eigenvalues).
 
 Features are computed per list of files so a long run can cache them in pieces; the smoke-test
 tiny extractor stands in for the Inception network behind every front end (labelled NOT FID).
@@ -32,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from scipy import linalg
 
 from tokenflow_cli.eval.fid import FeatureSpec, fid_kid, fidelity_kwargs
 
@@ -60,7 +60,7 @@ PROTOCOLS: dict[str, FidProtocol] = {
         "tokenflow", "official",
         "official TokenFlow tokenizer/reconstruction_vq_ddp.py + evaluations/vq/pytorch_fid.py (pytorch-fid)",
         "torch bilinear, align_corners=False, on ToTensor [0, 1] floats", "2x - 1",
-        "float64 np.mean / np.cov; scipy sqrtm (eps 1e-6 on the diagonal if not finite)"),
+        "float64 np.mean / np.cov; tr sqrtm from eigenvalues (eps 1e-6 on the diagonal if not finite)"),
     "torch-fidelity": FidProtocol(
         "torch-fidelity", "ours", "torch_fidelity.calculate_metrics (fid, kid)",
         "TF1-compatible bilinear on uint8 values", "(x - 128) / 128",
@@ -68,7 +68,8 @@ PROTOCOLS: dict[str, FidProtocol] = {
     "clean-fid": FidProtocol(
         "clean-fid", "ours", "cleanfid.fid (mode clean): get_files_features, compare_folders",
         "clean-fid make_resizer('PIL', False, 'bicubic'): per channel on float32, no re-quantisation",
-        "(x - 128) / 128", "float32 np.mean, np.cov; scipy sqrtm (eps 1e-6 on the diagonal if not finite)"),
+        "(x - 128) / 128",
+        "float32 np.mean, np.cov; tr sqrtm from eigenvalues (eps 1e-6 on the diagonal if not finite)"),
 }
 PROTOCOL_CHOICES = (*PROTOCOLS, "all")
 
@@ -167,21 +168,35 @@ def protocol_features(name: str, files: Sequence[Path], net: FeatureNetwork) -> 
     return FEATURES[name](list(files), net).astype(np.float32, copy=False)
 
 
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr sqrtm(sigma1 @ sigma2) of two covariance matrices (symmetric PSD), from eigenvalues.
+
+    sigma1 @ sigma2 is similar to R sigma2 R with R = sqrtm(sigma1) (symmetric PSD), so the trace of
+    its principal square root is the sum of the square roots of R sigma2 R's eigenvalues (roundoff
+    negatives count as 0, as pytorch-fid keeps the real part). Two symmetric eigendecompositions
+    instead of scipy's Schur-based `sqrtm` of the non-symmetric product: about 4x faster at 2048
+    features and the same trace to ~1e-6 relative on Inception features (tests/eval/test_fid_trace.py).
+    """
+    values, vectors = np.linalg.eigh(sigma1)
+    root = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh(root @ sigma2 @ root), 0, None)).sum())
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
                      eps: float = 1e-6) -> tuple[float, bool]:
-    """pytorch-fid's (and clean-fid's, the same code) Frechet distance; also whether the eps
-    offset was needed because sqrtm of the product was not finite."""
+    """pytorch-fid's (and clean-fid's, the same code) Frechet distance, with the trace of the
+    covariances' geometric mean from `trace_sqrt_product`; also whether the eps offset on the
+    diagonals was needed because that trace was not finite (pytorch-fid's fallback)."""
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
-    offset_used = not np.isfinite(covmean).all()
+    try:
+        trace_covmean = trace_sqrt_product(sigma1, sigma2)
+    except np.linalg.LinAlgError:
+        trace_covmean = float("nan")
+    offset_used = not np.isfinite(trace_covmean)
     if offset_used:
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Frechet distance: imaginary component {np.max(np.abs(covmean.imag)):.3g}")
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)), offset_used
+        trace_covmean = trace_sqrt_product(sigma1 + offset, sigma2 + offset)
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean), offset_used
 
 
 def protocol_fid(name: str, reference: np.ndarray, reconstruction: np.ndarray, kid: bool = True) -> dict:
