@@ -1,7 +1,8 @@
 """Ours against the official code's own runs in tests/data/official (docs/CONVERT.md
 "What is exact and what is not"): index flips per scale, feature / logit differences and equal
 greedy answers for TokenFlow-LLaVA (official loader in fp32, as it runs in fp16, and with the
-.pt tower instead of the embedded copy), and TokenFlow-t2i teacher-forced logits and greedy codes.
+.pt tower instead of the embedded copy; and our `--dtype fp16` mode against the official fp16 run),
+and TokenFlow-t2i teacher-forced logits and greedy codes.
 
     HF_HUB_OFFLINE=1 python benchmarks/official_parity.py
 """
@@ -71,6 +72,33 @@ def llava(root: Path) -> None:
               f"greedy answers equal {same}/6")
 
 
+def llava_fp16(root: Path) -> None:
+    """Our `--dtype fp16` (the release's own float16 run) against the official fp16 run."""
+    from tokenflow_cli.understanding.pipeline import Understanding
+
+    ref = dict(np.load(L.OFFICIAL / "llava_reference_fp16.npz"))
+    pixels = torch.stack([load_llava_image(root / f"{i}.png", 384) for i in range(2)])
+    vlm = Understanding.from_pretrained(root / "out", dtype="fp16")
+    with torch.no_grad():
+        feats, idx = vlm.features.encode(pixels)
+    r_f = torch.from_numpy(ref["features"])
+    print(f"LLaVA ours --dtype fp16 vs official fp16: index flips {per_scale(idx, torch.from_numpy(ref['indices']))} "
+          f"({int((idx != torch.from_numpy(ref['indices'])).sum())} of {idx.numel()}); features max|d| "
+          f"{float((feats.float() - r_f).abs().max()):.2e}")
+    for name, visual in (("ours", feats), ("the official fp16 features", r_f.half())):
+        worst, same, row = 0.0, 0, 0
+        for image in range(2):
+            for q in L.QUESTIONS:
+                ids, mask = vlm.model.prompt_batch([q])
+                with torch.no_grad():
+                    logits = vlm.model(ids, mask, visual[image:image + 1]).logits[0, -1].float()
+                worst = max(worst, float((logits - torch.from_numpy(ref["first_scores"][row])).abs().max()))
+                answer = [int(t[0]) for t in vlm.model.generate_ids(ids, mask, visual[image:image + 1], 12)]
+                same += answer == [int(i) for i in ref["answer_ids"][row] if i != -1]
+                row += 1
+        print(f"  fp16 projector + LM on {name}: first-step logits max|d| {worst:.2e}; greedy answers equal {same}/6")
+
+
 def t2i(root: Path) -> None:
     class Factory:
         @staticmethod
@@ -97,4 +125,5 @@ def t2i(root: Path) -> None:
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         llava(Path(tmp))
+        llava_fp16(Path(tmp))
         t2i(Path(tmp))

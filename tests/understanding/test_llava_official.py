@@ -161,7 +161,7 @@ def test_dtype_fp16_gives_the_official_loaders_own_fp16_run(official):
     projector and the tokenizer copy in float16, code search included). Given the official fp16
     features, the fp16 projector and LM give the official first-step logits (measured: exactly)
     and all greedy answers. Our own fp16 features: indices identical up to scale 14 (measured: 2
-    of 4,454 differ, both at 22 x 22 / 27 x 27), which moves the logits by up to 0.42 (std 3.6)
+    of 4,454 differ, past scale 14), which moves the logits by up to 0.42 (std 3.6)
     and changes 2 of 6 answers of this chaotic tiny LM: the official side ran torch 2.12, whose
     CPU fp16 kernels round the SigLIP tower's outputs differently (pixel branch and quantizer
     are bit-identical given the same inputs; docs/CONVERT.md)."""

@@ -43,7 +43,8 @@ def vqa_cmd(
         help="Override the model folder's generation_config.json value.")] = None,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="LLM: auto (the model's) | fp32 | bf16 | fp16.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="LLM: auto (the model's) | fp32 | bf16 | "
+                                             "fp16 (the release as its own loader runs it, all float16).")] = "auto",
 ) -> None:
     """Exact match after normalisation, per question type, plus MME-style yes/no acc and acc+
     (greedy, with the model folder's repetition penalty, as the release's lmms-eval runs)."""

@@ -48,7 +48,9 @@ LlmDtypeOpt = Annotated[
     typer.Option(
         "--dtype",
         callback=precision_name,
-        help="LLM weights: auto (the precision the model records, bf16 for a converted release) | fp32 | bf16 | fp16.",
+        help="auto (the precision the model records, bf16 for a converted release) | fp32 | bf16: the LLM's "
+        "weights, projector and image tokenizer in fp32 (the official computation) | fp16: the release as its "
+        "own loader runs it (LLM, projector, image tokenizer and code search in float16).",
     ),
 ]
 
