@@ -8,13 +8,14 @@ figure is then stated as a share of it, measured in the same run.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from tokenflow_cli.tokenizer.inference import matmul_precision
 
 
 def sync(device: torch.device | str = "cpu") -> None:
@@ -35,16 +36,7 @@ def best_seconds(fn: Callable[[], object], repeats: int = 3, device: torch.devic
     return best
 
 
-@contextlib.contextmanager
-def tf32(allowed: bool) -> Iterator[None]:
-    """Allow or forbid TF32 matmuls and convolutions on CUDA inside the block (restored after).
-    PyTorch's defaults differ (matmul off, cuDNN on): fp32 figures set both off explicitly."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+tf32 = matmul_precision  # TF32 allowed or not inside a block (restored after); fp32 figures run with it off
 
 
 @torch.inference_mode()

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
+from tokenflow_cli.tokenizer.inference import matmul_precision
 
 
-@contextlib.contextmanager
-def no_tf32():
+def no_tf32() -> contextlib.AbstractContextManager[None]:
     """True fp32 on CUDA: PyTorch lets cuDNN convolutions use TF32 by default."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    return matmul_precision(False)
