@@ -67,7 +67,8 @@ ResumeOpt = Annotated[
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
 InferDtypeOpt = Annotated[str, typer.Option(
-    "--dtype", help="Network precision: fp32 | bf16 | fp16 | tf32 (CUDA) (the code search stays fp32; see docs/RESULTS.md).")]
+    "--dtype",
+    help="Network precision: fp32 | bf16 | fp16 | tf32 (CUDA) (the code search stays fp32; see docs/RESULTS.md).")]
 CompileOpt = Annotated[bool, typer.Option(
     "--compile", help="torch.compile the pixel encoder/decoder (slow first batch, faster after).")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable input instead of skipping it.")]
