@@ -74,6 +74,7 @@ class Runner:
     env: dict[str, str]
     log: Path
     device: str
+    places: dict[str, str]  # absolute folder -> the placeholder the documented command shows
 
     def __call__(self, args: list[str], done: bool) -> str:
         args = [*args, "--device", self.device]
@@ -81,7 +82,18 @@ class Runner:
         print(f"[{'have' if done else 'run '}] {line}", flush=True)
         if not done:
             run(args, self.env, self.log)
-        return line
+        return portable(line, self.places)
+
+
+def portable(line: str, places: dict[str, str]) -> str:
+    """`line` with this machine's folders replaced by placeholders (DATA, OUT), for the docs."""
+    for folder, name in sorted(places.items(), key=lambda kv: -len(kv[0])):  # longest (nested) first
+        line = line.replace(folder, name)
+    return line
+
+
+def doc_places(a: argparse.Namespace) -> dict[str, str]:
+    return {str(a.data.resolve()): "DATA", str(a.output.resolve()): "OUT"}
 
 
 # ---- understanding ------------------------------------------------------------------------------
@@ -297,7 +309,7 @@ def splice(existing: str, block: str) -> str:
 
 
 def section_command(a: argparse.Namespace, name: str) -> str:
-    args = ["python", "benchmarks/claims.py", "--data", str(a.data), "-o", str(a.output), "--only", name]
+    args = ["python", "benchmarks/claims.py", "--data", "DATA", "-o", "OUT", "--only", name]
     args += ["--quick"] if a.quick else []
     options = {"codebooks": ["steps", "seeds", "k_sweep", "eval_images", "teacher"],
                "understanding": ["tokenizer", "stage1_steps", "stage2_steps", "llava_batch_size", "vqa_limit"],
@@ -367,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     a.output.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    tokenflow = Runner(env, a.output / "log.txt", a.device)
+    tokenflow = Runner(env, a.output / "log.txt", a.device, doc_places(a))
     previous = json.loads(a.json.read_text()) if a.json.is_file() else {}
     now, host = datetime.date.today().isoformat(), machine()
     result = {"date": now, "machine": host, "device": a.device, "sections": previous.get("sections", {}),
