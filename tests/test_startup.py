@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 PROBE = """
 import json, sys
@@ -40,6 +41,15 @@ def run_probe(args: list[str], cwd) -> tuple[dict, list[str]]:
     ["reconstruct", "missing/", "-o", "recon"],
     ["reconstruct", "missing.npz", "-o", "recon"],
     ["codes", "info", "missing.npz"],
+    ["eval", "rfid", "missing/", "-o", "rfid"],
+    ["eval", "rfid", "--data", "missing/", "-o", "rfid"],
+    ["eval", "usage", "missing/", "-o", "usage"],
+    ["convert", "missing.pt", "-o", "converted.safetensors"],
+    ["ask", "missing.png", "What colour?"],
+    ["train-tokenizer", "missing-recipe", "-o", "run"],
+    ["train-generator", "missing-recipe", "-o", "run"],
+    ["train-teacher", "missing-recipe", "-o", "run"],
+    ["finetune-llava", "missing-recipe", "-o", "run"],
 ], ids=lambda a: " ".join(a))
 def test_first_error_on_a_missing_input_does_not_import_torch(tmp_path, args):
     result, output = run_probe(args, tmp_path)
@@ -48,6 +58,24 @@ def test_first_error_on_a_missing_input_does_not_import_torch(tmp_path, args):
     assert len(errors) == 1 and "missing" in errors[0], output
     assert not result["torch"], f"torch was imported before the error: {output}"
     assert list(tmp_path.iterdir()) == [], "nothing is left behind"
+
+
+@pytest.mark.parametrize("args", [
+    ["generate", "a red fox", "-o", "blocker/gen"],
+    ["eval", "usage", "images", "-o", "blocker/usage"],
+    ["eval", "rfid", "images", "-o", "blocker/rfid"],
+    ["reconstruct", "images", "-o", "blocker/recon"],
+], ids=lambda a: " ".join(a))
+def test_first_error_on_an_unwritable_output_does_not_import_torch(tmp_path, args):
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+    result, output = run_probe(args, tmp_path)
+    errors = [line for line in output if line.startswith("error:")]
+    assert result["code"] == 1, output
+    assert len(errors) == 1 and "blocker" in errors[0], output
+    assert not result["torch"], f"torch was imported before the error: {output}"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.png", "blocker", "images"], "nothing left behind"
 
 
 def test_help_does_not_import_torch(tmp_path):

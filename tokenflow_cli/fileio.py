@@ -287,7 +287,12 @@ class OutputClaim:
         missing = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
         try:
             for folder in reversed(missing):
-                folder.mkdir()
+                try:
+                    folder.mkdir()
+                except FileExistsError:
+                    if folder.is_dir():  # another torchrun rank made it first
+                        continue
+                    raise
                 self.created.append(folder)
         except OSError as err:
             self.release()

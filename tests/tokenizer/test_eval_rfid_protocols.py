@@ -234,5 +234,8 @@ def test_res_out_of_range_is_refused(tmp_path, res, cli_error):
 def test_unknown_protocol_is_one_error_line(tmp_path, cli_error):
     from tokenflow_cli.cli.app import app
 
-    result = CliRunner().invoke(app, ["eval", "rfid", str(tmp_path), "--protocol", "adm", "--tiny-features"])
+    _photos(tmp_path / "images", n=1, broken=False)  # the inputs are checked first (without torch)
+    result = CliRunner().invoke(app, ["eval", "rfid", str(tmp_path / "images"), "--protocol", "adm",
+                                      "--tiny-features", "-o", str(tmp_path / "out")])
     cli_error(result, "adm", "clean-fid")
+    assert not (tmp_path / "out").exists()

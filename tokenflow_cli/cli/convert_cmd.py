@@ -55,6 +55,8 @@ def convert_cmd(
     """Import an official model: read without running pickled code, map every key, check every
     shape, write ours with the matching config."""
     start = time.perf_counter()
+    if not source.exists():  # before torch loads: the first error of a mistyped path comes at once
+        raise fail(f"official checkpoint not found: {source}")
     if source.is_dir():
         lines = _convert_folder(source, output, tokenizer, dtype, recipe, override_tokenizer)
     else:

@@ -13,7 +13,9 @@ from tokenflow_cli.cli.common import (
     DeviceOpt,
     InferDtypeOpt,
     ModelOpt,
+    OverwriteOpt,
     app,
+    claim_output,
     console,
     fail,
 )
@@ -34,6 +36,18 @@ def _resolve(model: str | None, device: str):
     note = " [bold yellow](RANDOM INIT: numbers are meaningless)[/]" if tok.random_init else ""
     console.print(f"model: [cyan]{tok.source}[/]{note}")
     return tok
+
+
+def _check_images(data: str | None) -> None:
+    """A missing or empty --data fails here, before torch loads (the built-in set is made later)."""
+    if data is None:
+        return
+    from tokenflow_cli.data.images import list_images
+
+    try:
+        list_images(data)
+    except (FileNotFoundError, ValueError) as err:  # ImageSourceError is a ValueError
+        raise fail(str(err)) from None
 
 
 def _subsets(data: str | None, limit: int, res: int):
@@ -81,6 +95,11 @@ def rfid_cmd(
     compile_model: CompileOpt = False,
 ) -> None:
     """Reconstruction rFID (per protocol), KID, PSNR, SSIM, LPIPS and codebook usage; torchrun splits the images."""
+    data = data or images
+    _check_images(data)
+    # a resumable run folder written in place (the cache): a lock, no swap; under torchrun only rank 0 locks
+    claim = claim_output(output, "run", "eval rfid")
+    # torch comes in from here on: a bad input or output above fails without its start-up
     from tokenflow_cli.cli.progress import image_progress
     from tokenflow_cli.distributed import init_distributed
     from tokenflow_cli.eval.fid import inception_spec, tiny_spec
@@ -96,7 +115,6 @@ def rfid_cmd(
         protocols = tuple(parse_protocols(protocol))
     except ValueError as err:
         raise fail(str(err)) from None
-    data = data or images
     if tiny_features:
         spec = tiny_spec()
     else:
@@ -123,9 +141,11 @@ def rfid_cmd(
         except RfidRunMismatch as err:
             raise fail(str(err)) from None
     if report is None:  # another rank: rank 0 writes the report
+        claim.commit()
         return
     _print_rfid(report)
     write_report(report, output)
+    claim.commit()
     if report["files"]["grid"]:
         console.print(f"grid: {report['files']['grid']}")
 
@@ -181,9 +201,13 @@ def usage_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for report.json and histograms.")] = Path(
         "eval_usage"),
     batch_size: BatchOpt = 16,
+    overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Per-scale and overall codebook usage and perplexity: shared index, semantic- and pixel-nearest."""
+    """Per-scale and overall codebook usage and perplexity: shared index, semantic- and pixel-nearest.
+    The folder is written beside -o and swapped in whole with the report."""
+    _check_images(data or images)
+    claim = claim_output(output, "folder", "eval usage", overwrite)  # before any model loads
     from tokenflow_cli.cli.progress import image_progress
     from tokenflow_cli.tokenizer.encode import image_batches
     from tokenflow_cli.tokenizer.identity import tokenizer_id
@@ -195,16 +219,16 @@ def usage_cmd(
     batches = (batch.images for batch in image_batches(tok, paths, batch_size) if batch.images is not None)
     with image_progress(len(paths), "usage") as update:
         usage, agree = measure_usage(tok, batches, progress=lambda n: update(n, 0, 0.0))
-    output.mkdir(parents=True, exist_ok=True)
-    histograms = write_histograms(usage, output)
+    claim.tmp.mkdir(parents=True, exist_ok=True)
+    histograms = write_histograms(usage, claim.tmp)
     report = {"command": "tokenflow eval usage", "model": tokenizer_id(tok), "codebook_size": tok.codebook_size,
               "scales": list(tok.scales), "images": usage.images,
               "data": {s.name: s.description for s in subsets},
               "agreement_with_shared": agree, "views": usage.summary(),
-              "histograms": [str(p) for p in histograms],
+              "histograms": [str(output / p.name) for p in histograms],
               "warnings": ["the tokenizer is RANDOMLY INITIALISED"] if tok.random_init else []}
     _print_usage(report)
-    write_report(report, output)
+    write_report(report, output, claim)
 
 
 def _print_usage(report: dict) -> None:

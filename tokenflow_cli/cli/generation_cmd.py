@@ -97,10 +97,6 @@ def generate_cmd(
 ) -> None:
     """Text -> images: next-scale sampling with CFG, multi-pass re-prediction and a KV cache.
     The folder is written beside -o and swapped in whole once every image is done."""
-    from tokenflow_cli.generation.outputs import read_prompts_file, write_outputs
-    from tokenflow_cli.generation.sampling import format_schedule
-    from tokenflow_cli.generation.text_to_image import generate_images
-
     if sum(x is not None for x in (prompt, prompts, geneval)) != 1:
         raise fail("give one of PROMPT, --prompts FILE or --geneval METADATA")
     if geneval is not None:
@@ -108,6 +104,11 @@ def generate_cmd(
                  (k3, p3)]), dict(cfg=cfg, negative_prompt=negative_prompt, temperature=temperature, seed=seed,
                  samples_per_prompt=n, batch_size=batch_size, use_cache=cache))
         return
+    claim = claim_output(output, "folder", "generate", overwrite)  # before torch and any model load
+    from tokenflow_cli.generation.outputs import read_prompts_file, write_outputs
+    from tokenflow_cli.generation.sampling import format_schedule
+    from tokenflow_cli.generation.text_to_image import generate_images
+
     try:
         texts = read_prompts_file(prompts) if prompts else [prompt]
     except (OSError, ValueError) as err:
@@ -115,7 +116,6 @@ def generate_cmd(
     if not texts:
         raise fail(f"{prompts}: no prompts")
     schedule = _schedule(preset, passes, [(k1, p1), (k2, p2), (k3, p3)])
-    claim = claim_output(output, "folder", "generate", overwrite)  # before any model loads
     pipe = load_generator_for_cli(model, tokenizer, device, dtype)
     if compile_decoder:  # the image decoder (codes -> pixels); the LM's KV-cache shapes change every scale
         from tokenflow_cli.tokenizer.inference import InferenceOptions, prepare_for_inference
@@ -203,13 +203,16 @@ def train_generator_cmd(
     device: DeviceOpt = "auto",
 ) -> None:
     """Train the next-scale text-to-image generator on captioned codes (or images)."""
-    from tokenflow_cli.cli.common import quiet_transformers
     from tokenflow_cli.generation.config import GeneratorRecipe
-    from tokenflow_cli.generation.stage import train_generator
 
-    quiet_transformers()
-    run = run_training(recipe, GeneratorRecipe, list(overrides or []), output, lambda r: r.model.name,
-                       lambda r, run_dir: train_generator(r, run_dir, device=device, resume=resume))
+    def train(r, run_dir: Path):
+        from tokenflow_cli.cli.common import quiet_transformers
+        from tokenflow_cli.generation.stage import train_generator
+
+        quiet_transformers()
+        return train_generator(r, run_dir, device=device, resume=resume)
+
+    run = run_training(recipe, GeneratorRecipe, list(overrides or []), output, lambda r: r.model.name, train)
     if run is None:
         return
     result, run_dir = run.result, run.run_dir

@@ -27,14 +27,19 @@ def train_teacher_cmd(
 ) -> None:
     """Train a small CLIP contrastively on captioned images (offline teacher for the semantic branch)."""
     from tokenflow_cli.teacher.config import TeacherRecipe
-    from tokenflow_cli.teacher.stage import UnfinishedRunError, publish_teacher, train_teacher
-    from tokenflow_cli.weights import TINY_TEACHER, default_location
+
+    def train(r, run_dir: Path):
+        from tokenflow_cli.teacher.stage import train_teacher
+
+        return train_teacher(r, run_dir, device=device, resume=resume)
 
     extra = [*(overrides or []), *([f"train.steps={steps}"] if steps is not None else [])]
-    run = run_training(recipe, TeacherRecipe, extra, output, lambda r: r.model.name,
-                       lambda r, run_dir: train_teacher(r, run_dir, device=device, resume=resume))
+    run = run_training(recipe, TeacherRecipe, extra, output, lambda r: r.model.name, train)
     if run is None:
         return
+    from tokenflow_cli.teacher.stage import UnfinishedRunError, publish_teacher
+    from tokenflow_cli.weights import TINY_TEACHER, default_location
+
     result, run_dir = run.result, run.run_dir
     ev = result.last_eval
     figures = f"held-out i2t top-1 {ev['i2t_top1']:.1%}, val loss {ev['val_loss']:.3f}; " if "i2t_top1" in ev else ""

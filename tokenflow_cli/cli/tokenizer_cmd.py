@@ -217,12 +217,15 @@ def train_tokenizer_cmd(
     Resumes automatically when the run folder holds a checkpoint (--no-resume starts over).
     """
     from tokenflow_cli.tokenizer.config import TokenizerRecipe
-    from tokenflow_cli.tokenizer.stage import train_tokenizer
+
+    def train(r, run_dir: Path):
+        from tokenflow_cli.tokenizer.stage import train_tokenizer
+
+        return train_tokenizer(r, run_dir, device=device, resume=resume)
 
     extra = [*(overrides or []), *([f"train.seed={seed}"] if seed is not None else []),
              *([f"train.steps={steps}"] if steps is not None else [])]
-    run = run_training(recipe, TokenizerRecipe, extra, output, lambda r: r.model.name,
-                       lambda r, run_dir: train_tokenizer(r, run_dir, device=device, resume=resume))
+    run = run_training(recipe, TokenizerRecipe, extra, output, lambda r: r.model.name, train)
     if run is None:  # under torchrun rank 0 reports
         return
     result, run_dir = run.result, run.run_dir

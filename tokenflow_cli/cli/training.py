@@ -38,10 +38,10 @@ def run_training(
     validate: Callable[[Any], None] | None = None,
 ) -> TrainingRun | None:
     """Run `train_fn(recipe, run_dir)`; None on ranks other than 0. A run stopped by a signal
-    ends here with one `error:` line and exit code 128 + the signal (`_exit_if_interrupted`)."""
+    ends here with one `error:` line and exit code 128 + the signal (`_exit_if_interrupted`).
+    `train_fn` imports its (torch-heavy) stage itself, so the recipe and the run folder are
+    checked without torch's start-up."""
     from tokenflow_cli.config import ConfigError, load_recipe
-    from tokenflow_cli.distributed import cleanup
-    from tokenflow_cli.train.stage import NonFiniteLossError
 
     try:
         recipe = load_recipe(recipe_name, recipe_class, overrides)
@@ -51,6 +51,10 @@ def run_training(
         raise fail(str(err), EXIT_USER_ERROR) from None
     run_dir = output or Path("runs") / default_run_name(recipe)
     claim = claim_output(run_dir, "run", "train")  # one writer per run folder; checked before any model loads
+    # torch comes in from here on (`train_fn` imports its stage): a bad recipe or run folder fails without it
+    from tokenflow_cli.distributed import cleanup
+    from tokenflow_cli.train.stage import NonFiniteLossError
+
     try:
         result = train_fn(recipe, run_dir)
     except NonFiniteLossError as err:

@@ -95,14 +95,14 @@ def ask_cmd(
 ) -> None:
     """Answer a question about an image, streaming the answer as it is generated (which model,
     precision and settings it used go to stderr)."""
-    import torch
-
     from tokenflow_cli.data.images import ImageLoadError, load_image
 
     try:
-        load_image(image)  # before any model is loaded
+        load_image(image)  # before any model (and torch) is loaded
     except ImageLoadError as err:
         raise fail(str(err)) from None
+    import torch
+
     loaded = load_for_inference(model, tokenizer, device, dtype)
     use_decoding(loaded, repetition_penalty)
     sampling = {"temperature": temperature, "max_new_tokens": max_new_tokens}
@@ -159,15 +159,18 @@ def finetune_llava_cmd(
 ) -> None:
     """LLaVA-style finetuning on frozen TokenFlow features (checkpoints, resume, torchrun)."""
     from tokenflow_cli.understanding.config import LlavaRecipe, validate
-    from tokenflow_cli.understanding.stage import finetune_llava
+
+    def train(r, run_dir: Path):
+        from tokenflow_cli.understanding.stage import finetune_llava
+
+        quiet_transformers()
+        return finetune_llava(r, stage, run_dir, device=device, resume=resume)
 
     if stage not in (1, 2):
         raise fail(f"--stage must be 1 or 2, got {stage}")
     overrides = list(set_ or []) + ([f"model.init={init}"] if init else [])
     overrides += [f"model.llm_dtype={dtype}"] if dtype and dtype != "auto" else []
-    quiet_transformers()
-    run = run_training(recipe, LlavaRecipe, overrides, output, lambda r: f"llava-stage{stage}",
-                       lambda r, run_dir: finetune_llava(r, stage, run_dir, device=device, resume=resume),
+    run = run_training(recipe, LlavaRecipe, overrides, output, lambda r: f"llava-stage{stage}", train,
                        validate=validate)
     if run is None:  # rank 0 reports under torchrun
         return
