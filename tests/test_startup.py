@@ -50,6 +50,8 @@ def run_probe(args: list[str], cwd) -> tuple[dict, list[str]]:
     ["train-generator", "missing-recipe", "-o", "run"],
     ["train-teacher", "missing-recipe", "-o", "run"],
     ["finetune-llava", "missing-recipe", "-o", "run"],
+    ["generate", "--prompts", "missing.txt", "-o", "generated"],
+    ["generate", "--geneval", "missing.jsonl", "-o", "geneval"],
 ], ids=lambda a: " ".join(a))
 def test_first_error_on_a_missing_input_does_not_import_torch(tmp_path, args):
     result, output = run_probe(args, tmp_path)

@@ -74,7 +74,8 @@ def _evaluator_reads(out: Path) -> list[tuple[dict, str]]:
 
 def test_generate_geneval_writes_the_official_layout(runs, tmp_path):
     from tokenflow_cli.cli.app import app
-    from tokenflow_cli.generation.geneval_export import check_geneval_layout, read_geneval_metadata
+    from tokenflow_cli.data.captions import read_geneval_metadata
+    from tokenflow_cli.generation.geneval_export import check_geneval_layout
 
     out = tmp_path / "geneval"
     result = CliRunner().invoke(app, ["generate", "--geneval", str(METADATA), "-o", str(out), "-n", "2", "-b", "4",
@@ -97,7 +98,8 @@ def test_generate_geneval_writes_the_official_layout(runs, tmp_path):
 
 
 def test_resume_and_ranks_give_the_same_images(runs, tmp_path):
-    from tokenflow_cli.generation.geneval_export import export_geneval, read_geneval_metadata
+    from tokenflow_cli.data.captions import read_geneval_metadata
+    from tokenflow_cli.generation.geneval_export import export_geneval
     from tokenflow_cli.generation.text_to_image import TextToImage
 
     pipe = TextToImage.from_pretrained(runs["ours"])

@@ -100,14 +100,18 @@ def generate_cmd(
     if sum(x is not None for x in (prompt, prompts, geneval)) != 1:
         raise fail("give one of PROMPT, --prompts FILE or --geneval METADATA")
     if geneval is not None:
-        _geneval(geneval, output, model, tokenizer, device, dtype, _schedule(preset, passes, [(k1, p1), (k2, p2),
-                 (k3, p3)]), dict(cfg=cfg, negative_prompt=negative_prompt, temperature=temperature, seed=seed,
-                 samples_per_prompt=n, batch_size=batch_size, use_cache=cache))
+        from tokenflow_cli.data.captions import read_geneval_metadata
+
+        try:
+            metadata = read_geneval_metadata(geneval)  # checked before torch and any model load
+        except (OSError, ValueError) as err:
+            raise fail(str(err)) from None
+        schedule = _schedule(preset, passes, [(k1, p1), (k2, p2), (k3, p3)])
+        _geneval(geneval, metadata, output, model, tokenizer, device, dtype, schedule,
+                 dict(cfg=cfg, negative_prompt=negative_prompt, temperature=temperature, seed=seed,
+                      samples_per_prompt=n, batch_size=batch_size, use_cache=cache))
         return
-    claim = claim_output(output, "folder", "generate", overwrite)  # before torch and any model load
-    from tokenflow_cli.generation.outputs import read_prompts_file, write_outputs
-    from tokenflow_cli.generation.sampling import format_schedule
-    from tokenflow_cli.generation.text_to_image import generate_images
+    from tokenflow_cli.data.captions import read_prompts_file
 
     try:
         texts = read_prompts_file(prompts) if prompts else [prompt]
@@ -115,6 +119,10 @@ def generate_cmd(
         raise fail(str(err)) from None
     if not texts:
         raise fail(f"{prompts}: no prompts")
+    claim = claim_output(output, "folder", "generate", overwrite)  # before torch and any model load
+    from tokenflow_cli.generation.outputs import write_outputs
+    from tokenflow_cli.generation.sampling import format_schedule
+    from tokenflow_cli.generation.text_to_image import generate_images
     schedule = _schedule(preset, passes, [(k1, p1), (k2, p2), (k3, p3)])
     pipe = load_generator_for_cli(model, tokenizer, device, dtype)
     if compile_decoder:  # the image decoder (codes -> pixels); the LM's KV-cache shapes change every scale
@@ -147,23 +155,12 @@ def generate_cmd(
                   "(grid.png, settings.json)")
 
 
-def _geneval(metadata_file: Path, output: Path, model: str | None, tokenizer: str | None, device: str,
-             dtype: str | None, schedule, given: dict) -> None:
+def _geneval(metadata_file: Path, metadata: list[dict], output: Path, model: str | None, tokenizer: str | None,
+             device: str, dtype: str | None, schedule, given: dict) -> None:
     """`generate --geneval`: GenEval's evaluator layout, resumable, prompt groups split over torchrun ranks."""
     from tokenflow_cli.distributed import barrier, init_distributed
-    from tokenflow_cli.generation.geneval_export import (
-        check_geneval_layout,
-        export_geneval,
-        export_record,
-        open_export,
-        read_geneval_metadata,
-    )
+    from tokenflow_cli.generation.geneval_export import check_geneval_layout, export_geneval, export_record, open_export
     from tokenflow_cli.generation.sampling import format_schedule
-
-    try:
-        metadata = read_geneval_metadata(metadata_file)
-    except (OSError, ValueError) as err:
-        raise fail(str(err)) from None
     pipe = load_generator_for_cli(model, tokenizer, device, dtype)
     dist = init_distributed(next(pipe.model.parameters()).device.type)
     try:

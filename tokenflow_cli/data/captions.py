@@ -92,3 +92,38 @@ def export_llava(vqa_jsonl: str | Path, out_json: str | Path, colour_share: floa
     tmp.write_text(json.dumps(conversations, indent=1))
     os.replace(tmp, out_json)
     return len(conversations)
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """Prompts from a .txt (one per line, blank lines and #-comments skipped) or a .jsonl with
+    "prompt" (or "caption") fields."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        records = read_jsonl(path)
+        out = [str(r.get("prompt", r.get("caption", ""))) for r in records]
+        if any(not ("prompt" in r or "caption" in r) for r in records):
+            raise ValueError(f"{path}: every record needs a \"prompt\" or \"caption\"")
+        return out
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def read_geneval_metadata(path: str | Path) -> list[dict]:
+    """The prompt lines of a GenEval metadata file, each checked for GenEval's required fields."""
+    path = Path(path)
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+        problems = [f for f, kind in (("tag", str), ("prompt", str), ("include", list))
+                    if not isinstance(record.get(f) if isinstance(record, dict) else None, kind)]
+        if problems:
+            raise ValueError(f"{path}:{number}: a GenEval line needs {', '.join(problems)} "
+                             '({"tag": str, "include": [...], "prompt": str})')
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no prompts")
+    return records

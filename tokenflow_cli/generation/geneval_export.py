@@ -45,28 +45,6 @@ class GenevalExportMismatch(UserError, ValueError):
     """The output folder holds a GenEval export made with other settings."""
 
 
-def read_geneval_metadata(path: str | Path) -> list[dict]:
-    """The prompt lines of a GenEval metadata file, each checked for GenEval's required fields."""
-    path = Path(path)
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
-        problems = [f for f, kind in (("tag", str), ("prompt", str), ("include", list))
-                    if not isinstance(record.get(f) if isinstance(record, dict) else None, kind)]
-        if problems:
-            raise ValueError(f"{path}:{number}: a GenEval line needs {', '.join(problems)} "
-                             '({"tag": str, "include": [...], "prompt": str})')
-        records.append(record)
-    if not records:
-        raise ValueError(f"{path}: no prompts")
-    return records
-
-
 def prompt_folder(out_dir: Path, index: int) -> Path:
     return Path(out_dir) / f"{index:05d}"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenflow_cli.data.captions import read_jsonl
 from tokenflow_cli.eval.visual import save_png, tile
 from tokenflow_cli.fileio import atomic_write_text
 from tokenflow_cli.generation.text_to_image import GenerationResult, GenerationSettings
@@ -32,16 +31,3 @@ def write_outputs(out_dir: str | Path, result: GenerationResult, settings: Gener
               "images": [{"file": image_name(i), "prompt": p} for i, p in enumerate(result.prompts)]}
     atomic_write_text(out_dir / "settings.json", json.dumps(record, indent=2))
     return [*written, out_dir / "grid.png", out_dir / "settings.json"]
-
-
-def read_prompts_file(path: str | Path) -> list[str]:
-    """Prompts from a .txt (one per line, blank lines and #-comments skipped) or a .jsonl with
-    "prompt" (or "caption") fields."""
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        records = read_jsonl(path)
-        out = [str(r.get("prompt", r.get("caption", ""))) for r in records]
-        if any(not ("prompt" in r or "caption" in r) for r in records):
-            raise ValueError(f"{path}: every record needs a \"prompt\" or \"caption\"")
-        return out
-    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
