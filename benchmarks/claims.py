@@ -5,8 +5,10 @@ there and trainings resume from their run folders, so a rerun continues):
 
 - codebooks: shared vs pixel-only vs semantic-only index at equal K (usage, PSNR), and usage as
   K grows (benchmarks/claims_tokenizer.py);
-- understanding: VQA accuracy per question type for the four feature choices of
-  benchmarks/llava_ablation.py, on the `llava-toy` recipe over `--tokenizer`;
+- understanding: VQA accuracy per question type for the four feature choices (tokenflow, pixel,
+  semantic, teacher) and the three scale choices (final, all, residual) on `--tokenizer`, and a
+  single-scale tokenizer (`--single-tokenizer`), each on the `llava-toy` recipe
+  (benchmarks/claims_understanding.py);
 - generation: GenEval one/two/three passes, trained refine vs official in-place
   (benchmarks/multistep_geneval.py's runs) on `--generator`.
 
@@ -26,44 +28,21 @@ import os
 import platform
 import shlex
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from claims_tokenizer import CodebookSettings, fresh, run_codebooks, trained
-from llava_ablation import FEATURES, run
+from claims_stats import bootstrap_ci, format_ci
+from claims_tokenizer import CodebookSettings, run_codebooks
+from claims_understanding import run_understanding
+from llava_ablation import run
 
+REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("codebooks", "understanding", "generation")
 BEGIN, END = "<!-- benchmarks/claims.py: begin -->", "<!-- benchmarks/claims.py: end -->"
 # option -> (full run, --quick); an option given on the command line wins over both
 DEFAULTS = {"steps": (1500, 30), "seeds": (2, 1), "k_sweep": ("1024,4096,16384", "1024,4096"),
             "eval_images": (0, 16), "stage1_steps": (300, 3), "stage2_steps": (1500, 3), "llava_batch_size": (0, 4),
             "vqa_limit": (0, 64), "n_per_tag": (10, 2), "samples": (4, 1)}
-
-
-def bootstrap_ci(values: Sequence[float], groups: Sequence[str] | None = None, resamples: int = 1000,
-                 level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
-    """(statistic, lo, hi): percentile bootstrap over the items. The statistic is the mean, or with
-    `groups` the mean over groups of each group's mean (GenEval's overall over tags)."""
-    v = np.asarray(values, dtype=np.float64)
-    codes = np.unique(np.asarray(groups), return_inverse=True)[1] if groups is not None else np.zeros(len(v), int)
-    onehot = np.eye(codes.max() + 1)[codes]  # (n, G)
-
-    def stat(idx: np.ndarray) -> np.ndarray:  # (R, n) resampled item indices -> (R,)
-        counts = onehot[idx].sum(1)  # (R, G)
-        with np.errstate(invalid="ignore"):
-            return np.nanmean((v[idx][..., None] * onehot[idx]).sum(1) / counts, axis=1)
-
-    point = float(stat(np.arange(len(v))[None])[0])
-    rng = np.random.default_rng(seed)
-    lo, hi = np.quantile(stat(rng.integers(0, len(v), (resamples, len(v)))), [(1 - level) / 2, (1 + level) / 2])
-    return point, float(lo), float(hi)
-
-
-def format_ci(ci: tuple[float, float, float], scale: float = 100.0) -> str:
-    point, lo, hi = (scale * x for x in ci)
-    return f"{point:.1f} [{lo:.1f}, {hi:.1f}]"
 
 
 @dataclass
@@ -93,78 +72,9 @@ def portable(line: str, places: dict[str, str]) -> str:
 
 
 def doc_places(a: argparse.Namespace) -> dict[str, str]:
-    return {str(a.data.resolve()): "DATA", str(a.output.resolve()): "OUT"}
-
-
-# ---- understanding ------------------------------------------------------------------------------
-
-
-def run_understanding(a: argparse.Namespace, tokenflow: Runner) -> dict:
-    out = a.output / "understanding"
-    common = [f"model.tokenizer={a.tokenizer}", f"data.train={a.data / 'shapes' / 'llava.json'}",
-              f"data.val={a.data / 'shapes-val' / 'llava.json'}", f"stage1.steps={a.stage1_steps}",
-              f"train.steps={a.stage2_steps}"]
-    common += [f"train.batch_size={a.llava_batch_size}"] if a.llava_batch_size else []
-    reports, errors = {}, []
-    for feature in FEATURES:
-        s1, s2, ev = out / f"{feature}-stage1", out / f"{feature}-stage2", out / f"{feature}-eval{a.vqa_limit or ''}"
-        sets = [x for kv in [f"model.features={feature}", *common] for x in ("--set", kv)]
-        try:
-            commands = [
-                tokenflow(["finetune-llava", "llava-toy", "--stage", "1", "-o", str(s1), *sets],
-                          trained(s1, a.stage1_steps)),
-                tokenflow(["finetune-llava", "llava-toy", "--stage", "2", "-o", str(s2), "--init", str(s1), *sets],
-                          trained(s2, a.stage2_steps)),
-                tokenflow(["eval", "vqa", "--data", str(a.data / "shapes-test" / "vqa.jsonl"), "--model", str(s2),
-                           "-o", str(ev), "--limit", str(a.vqa_limit), "--batch-size", "128"],
-                          fresh(ev / "predictions.jsonl", s2)),
-            ]
-        except RuntimeError as err:  # one failed choice keeps the others' figures
-            errors.append(f"{feature}: {err}")
-            continue
-        rows = [json.loads(x) for x in (ev / "predictions.jsonl").read_text().splitlines() if x.strip()]
-        reports[feature] = {"questions": rows, "commands": commands,
-                            "warnings": json.loads((ev / "report.json").read_text()).get("warnings", [])}
-    cis = {f: vqa_cis(r["questions"], a.resamples) for f, r in reports.items()}
-    return {"status": "partial" if errors else "done", "errors": errors,
-            "tables": vqa_tables(reports, cis, a.resamples),
-            "accuracy": {f: {kind: ci[0] for kind, ci in c.items()} for f, c in cis.items()}}
-
-
-def vqa_cis(questions: list[dict], resamples: int) -> dict[str, tuple[float, float, float]]:
-    """Exact-match accuracy with its bootstrap CI, overall ("all") and per question type."""
-    from tokenflow_cli.understanding.vqa import normalize_answer
-
-    correct = [float(normalize_answer(q["prediction"]) == normalize_answer(q["answer"])) for q in questions]
-    out = {"all": bootstrap_ci(correct, resamples=resamples)}
-    for kind in sorted({q["type"] for q in questions}):
-        out[kind] = bootstrap_ci([c for c, q in zip(correct, questions) if q["type"] == kind], resamples=resamples)
-    return out
-
-
-def vqa_tables(reports: dict[str, dict], cis: dict[str, dict], resamples: int) -> list[dict]:
-    kinds = sorted({k for c in cis.values() for k in c if k != "all"})
-    rows = [{"cells": [f, str(len(reports[f]["questions"])), *(format_ci(c[k]) if k in c else "-"
-                                                               for k in ("all", *kinds))],
-             "commands": reports[f]["commands"]} for f, c in cis.items()]
-    warnings = sorted({w for r in reports.values() for w in r["warnings"]})
-    features = {
-        "title": "VQA accuracy % by visual feature choice (held-out shapes-test)",
-        "columns": ["features", "questions", "all", *kinds], "rows": rows,
-        "notes": [f"exact match after `eval vqa`'s answer normalisation; [95% CI]: percentile bootstrap over "
-                  f"questions, {resamples} resamples.", *(f"warning: {w}" for w in warnings)],
-    }
-    scales = {
-        "title": "Final-scale map vs all scales (understanding input)",
-        "columns": ["features", "result"],
-        "rows": [{"cells": ["tokenflow: summed final map (sum of every scale's upsampled codes)",
-                            "measured above (row `tokenflow`)"], "commands": []},
-                 {"cells": ["tokenflow: all scales / residuals as separate tokens",
-                            "not measured: no all-scales feature source"], "commands": []}],
-        "notes": ["tokenflow_cli/understanding/features.py offers only the summed final map; `model.feature_grid` "
-                  "resizes that map, it does not feed per-scale tokens."],
-    }
-    return [features, scales]
+    """Folders the documented commands name by placeholder; files inside the repository (the shipped
+    tokenizer, say) by their path from its root."""
+    return {str(a.data.resolve()): "DATA", str(a.output.resolve()): "OUT", f"{REPO}/": ""}
 
 
 # ---- generation ---------------------------------------------------------------------------------
@@ -312,10 +222,13 @@ def section_command(a: argparse.Namespace, name: str) -> str:
     args = ["python", "benchmarks/claims.py", "--data", "DATA", "-o", "OUT", "--only", name]
     args += ["--quick"] if a.quick else []
     options = {"codebooks": ["steps", "seeds", "k_sweep", "eval_images", "teacher"],
-               "understanding": ["tokenizer", "stage1_steps", "stage2_steps", "llava_batch_size", "vqa_limit"],
+               "understanding": ["tokenizer", "single_tokenizer", "stage1_steps", "stage2_steps", "llava_batch_size",
+                                 "max_length", "vqa_limit"],
                "generation": ["generator", "n_per_tag", "samples", "cfg"]}[name]
     for key in options:  # a model not given shows a placeholder to fill in
         value = getattr(a, key)
+        if key == "single_tokenizer" and value is None:
+            continue  # optional: its row says `not run`
         args += [f"--{key.replace('_', '-')}", str(value if value is not None else key.upper() + "_RUN")]
     return shlex.join(args + (["--device", a.device] if a.device != "auto" else []))
 
@@ -358,6 +271,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage1-steps", type=int, help="LLaVA stage 1 steps (300; quick 3)")
     p.add_argument("--stage2-steps", type=int, help="LLaVA stage 2 steps (1500; quick 3)")
     p.add_argument("--llava-batch-size", type=int, help="0 = the recipe's (quick 4)")
+    p.add_argument("--max-length", type=int, default=256, help="LLaVA tokens per sample: covers 130 visual "
+                   "tokens (all / residual) + the question and answer")
+    p.add_argument("--single-tokenizer", type=Path, help="trained single-scale tokenizer (understanding)")
+    p.add_argument("--variants", default="", help="understanding rows to run now (comma-separated; default all)")
     p.add_argument("--vqa-limit", type=int, help="first N test questions, 0 = all (quick 64)")
     p.add_argument("--n-per-tag", type=int, help="GenEval prompts per tag (10; quick 2)")
     p.add_argument("--samples", type=int, help="GenEval images per prompt (4; quick 1)")
@@ -368,7 +285,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(a, key) is None:
             setattr(a, key, quick if a.quick else full)
     a.data, a.output = a.data.resolve(), a.output.resolve()
-    a.tokenizer, a.generator = (x.resolve() if x else None for x in (a.tokenizer, a.generator))
+    a.tokenizer, a.generator, a.single_tokenizer = (x.resolve() if x else None
+                                                    for x in (a.tokenizer, a.generator, a.single_tokenizer))
     unknown = set(a.only.split(",")) - set(SECTIONS)
     if unknown:
         p.error(f"--only: unknown sections {sorted(unknown)}; choose from {SECTIONS}")

@@ -108,6 +108,10 @@ class GeneratorRecipe:
 def attach_code_space(cfg: GeneratorModelConfig, scales: tuple[int, ...], codebook_size: int,
                       code_dim: int) -> GeneratorModelConfig:
     """`cfg` with the image tokenizer's code space filled in; a field the recipe pinned must agree."""
+    if len(scales) < 2:
+        raise ConfigError(f"the image tokenizer has one scale ({scales[0]} x {scales[0]}): next-scale "
+                          "generation predicts each scale from the coarser ones and needs several; use a "
+                          "multi-scale tokenizer (e.g. shapes-toy, clipb-256) for text-to-image")
     tokenizer_space = {"scales": tuple(scales), "codebook_size": codebook_size, "code_dim": code_dim}
     for key, value in tokenizer_space.items():
         pinned = getattr(cfg, key)
