@@ -65,6 +65,7 @@ def inference_settings(loaded, **sampling) -> dict:
         "device": str(next(model.parameters()).device),
         "tokenizer": loaded.tokenizer_source,
         "features": model.config.features,
+        "feature_scales": model.config.feature_scales,
         "visual_tokens": model.num_visual_tokens,
         "template": model.config.chat_template,
         **sampling,

@@ -32,7 +32,7 @@ from tokenflow_cli.tokenizer.inference import InferenceOptions, matmul_precision
 from tokenflow_cli.tokenizer.pixel import PixelDecoder, PixelEncoder, downsample_factor
 from tokenflow_cli.tokenizer.preprocess import ImageInput, to_batch, to_pil
 from tokenflow_cli.tokenizer.quantizer import MultiScaleDualQuantizer
-from tokenflow_cli.tokenizer.scales import ScaleLayout
+from tokenflow_cli.tokenizer.scales import SCALE_CHOICES, ScaleLayout
 from tokenflow_cli.tokenizer.semantic import SemanticEncoder
 from tokenflow_cli.tokenizer.semantic_decoder import SemanticDecoder, task_layer
 from tokenflow_cli.weights import DEFAULT_TOKENIZER
@@ -243,17 +243,17 @@ class TokenFlowTokenizer(nn.Module, Pretrained):
 
     @torch.no_grad()
     def features(self, codes: CodesLike, scales: str = "final") -> torch.Tensor | list[torch.Tensor]:
-        """Continuous code features: `scales="final"` the final quantized map (B, C, h, w) (the
-        understanding input: every scale's codes upsampled and summed), `"all"` each scale's code
-        vectors [(B, C, s, s)] coarse to fine. C = d_sem + d_pix, semantic channels first."""
+        """Continuous code features, C = d_sem + d_pix channels, semantic first:
+        `scales="final"` the final quantized map (B, C, h, w), every scale's codes upsampled and
+        summed (the understanding input); `"all"` per scale k the running sum of scales <= k
+        area-downsampled to [(B, C, s_k, s_k)] (the last equals "final"); `"residual"` each
+        scale's own code vectors [(B, C, s_k, s_k)]. Lists run coarse to fine."""
+        if scales not in SCALE_CHOICES:
+            raise ValueError(f"scales must be one of {SCALE_CHOICES}, got {scales!r}")
         idx_BL = self._as_indices(codes)
         if scales == "final":
             return self.codes_to_features(idx_BL)
-        if scales != "all":
-            raise ValueError(f"scales must be 'final' or 'all', got {scales!r}")
-        maps = MultiScaleCodes(idx_BL, self.scales).per_scale()
-        return [self.lookup_codes(m.flatten(1)).transpose(1, 2).reshape(len(m), -1, s, s)
-                for m, s in zip(maps, self.scales)]
+        return self.quantizer.indices_to_scale_maps(idx_BL, self.grid, running_sum=scales == "all")
 
     def _as_indices(self, codes: CodesLike) -> torch.Tensor:
         idx = torch.as_tensor(self._indices(codes) if isinstance(codes, MultiScaleCodes) else codes)

@@ -235,6 +235,21 @@ class MultiScaleDualQuantizer(nn.Module):
             f_hat = up if f_hat is None else f_hat + up
         return f_hat
 
+    def indices_to_scale_maps(self, idx_BL: torch.Tensor, side: int, running_sum: bool) -> list[torch.Tensor]:
+        """Flat indices -> one map per scale [(B, C, s_k, s_k)], coarse to fine. `running_sum`:
+        the sum of scales <= k, each upsampled to the final grid `side` (as encode builds it),
+        area-downsampled back to s_k (the last map is the summed map when s_N == side); else
+        scale k's own code vectors."""
+        maps, f_hat = [], None
+        for si, idx_Bl in enumerate(self.split_indices(idx_BL)):
+            s = self.scales[si]
+            if running_sum:
+                f_hat = self.accumulate(f_hat, idx_Bl, si, side)
+                maps.append(self.downsample(f_hat, s))
+            else:
+                maps.append(self.indices_to_map(idx_Bl, s))
+        return maps
+
     def next_scale_inputs(self, idx_BL: torch.Tensor, side: int) -> list[torch.Tensor]:
         """VAR teacher-forcing inputs: for k = 1..N-1 the running sum of scales < k, upsampled to
         the final grid and area-downsampled to s_k x s_k, as (B, s_k*s_k, C)."""

@@ -12,6 +12,10 @@ import numpy as np
 if TYPE_CHECKING:  # torch only in annotations: reading a codes file stays torch-free
     import torch
 
+# which scales' codes make continuous features (TokenFlowTokenizer.features, understanding's
+# model.feature_scales): the summed final map, per-scale running sums, per-scale codes alone
+SCALE_CHOICES = ("final", "all", "residual")
+
 
 @dataclass(frozen=True)
 class ScaleLayout:

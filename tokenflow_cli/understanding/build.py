@@ -72,11 +72,14 @@ def build_llava(
     `texts` (the training conversations)."""
     if config.init:
         model = load_llava(config.init, dtype=dtype_of(config.llm_dtype))
-        if (model.feature_dim, model.num_visual_tokens) != (feature_dim, num_visual_tokens):
+        was, now = model.config, config
+        if (model.feature_dim, model.num_visual_tokens, was.feature_scales) != (
+            feature_dim, num_visual_tokens, now.feature_scales
+        ):
             raise ValueError(
                 f"{config.init} was trained on {model.num_visual_tokens} x {model.feature_dim} visual "
-                f"tokens ({model.config.features}); this recipe gives {num_visual_tokens} x {feature_dim} "
-                f"({config.features})"
+                f"tokens ({was.features}, feature_scales={was.feature_scales}); this recipe gives "
+                f"{num_visual_tokens} x {feature_dim} ({now.features}, feature_scales={now.feature_scales})"
             )
         model.config = config
         model.extra.update(extra or {})

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from tokenflow_cli.config import ConfigError, EvalConfig, TrainConfig, register_recipe_kind
+from tokenflow_cli.tokenizer.scales import SCALE_CHOICES
 
 FEATURE_CHOICES = ("tokenflow", "pixel", "semantic", "teacher")
 CHAT_TEMPLATES = ("auto", "plain", "qwen_2_5")  # see conversation.py
@@ -47,6 +48,9 @@ class LlavaModelConfig:
     system_prompt: str = ""  # prepended by the plain template (and as a system turn otherwise)
     feature_grid: int = 0  # side of the visual token map: 0 = the tokenizer's final scale (27
     # for SigLIP-384: 729 tokens); another side upsamples every scale's codes to it instead
+    feature_scales: str = "final"  # which scales' codes: "final" (the summed final map, h*w
+    # tokens) | "all" (per scale the running sum at its own side) | "residual" (per scale its own
+    # codes); all/residual give sum s_k^2 tokens, coarse to fine (understanding/features.py)
     max_length: int = 2048  # tokens per sample, visual tokens included (longer ones are cut)
     init: str = ""  # a saved understanding model to start from (stage 2 <- stage 1 output)
     llm_dtype: str = "fp32"  # LLM weights: "fp32" | "bf16" | "fp16" (projector stays fp32)
@@ -114,3 +118,13 @@ def validate(recipe: LlavaRecipe) -> None:
         raise ConfigError(f"model.chat_template: {recipe.model.chat_template!r} is not one of {CHAT_TEMPLATES}")
     if recipe.model.feature_grid < 0:
         raise ConfigError(f"model.feature_grid: {recipe.model.feature_grid}; use 0 (the tokenizer's grid) or a side")
+    scales = recipe.model.feature_scales
+    if scales not in SCALE_CHOICES:
+        raise ConfigError(f"model.feature_scales: {scales!r} is not one of {SCALE_CHOICES}")
+    if scales != "final" and recipe.model.features == "teacher":
+        raise ConfigError(f"model.feature_scales: {scales!r} needs quantized features; 'teacher' has no scales")
+    if scales != "final" and recipe.model.feature_grid:
+        raise ConfigError(
+            f"model.feature_grid: {recipe.model.feature_grid} resizes the final map only; "
+            f"model.feature_scales={scales!r} keeps each scale's side (set feature_grid: 0)"
+        )

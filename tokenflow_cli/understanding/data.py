@@ -102,7 +102,11 @@ class ConversationDataset(torch.utils.data.Dataset):
         ids, labels = tok.input_ids[: self.max_length], tok.labels[: self.max_length]
         n_image = ids.count(self.formatter.image_token_id)
         if n_image != self.num_image_tokens * has_image or all(x == IGNORE_INDEX for x in labels):
-            raise ValueError(f"record {record.id!r} does not fit in max_length={self.max_length} tokens")
+            n_visual = self.num_image_tokens * has_image
+            raise ValueError(
+                f"record {record.id!r} does not fit in model.max_length={self.max_length} tokens "
+                f"({n_visual} visual tokens + {len(tok.input_ids) - n_visual} text)"
+            )
         return {
             "input_ids": torch.tensor(ids),
             "labels": torch.tensor(labels),

@@ -74,6 +74,11 @@ class Understanding(Pretrained):
         return self.features.tokenizer
 
     @property
+    def feature_scales(self) -> str:
+        """Which scales' codes the model reads: "final" | "all" | "residual" (features.py)."""
+        return self.model.config.feature_scales
+
+    @property
     def text_tokenizer(self):
         return self.model.text_tokenizer
 
@@ -124,17 +129,19 @@ class Understanding(Pretrained):
         expected = llava.extra.get("tokenizer_sha256")
         if expected and Path(tok.source).is_file() and file_sha256(tok.source) != expected:
             warnings.append(f"tokenizer {tok.source} differs from the one the model was trained on")
+        cfg = llava.config
         if dtype == "fp16":  # the official loader's float16 run
-            if llava.config.features != "tokenflow":
-                raise ValueError(f"--dtype fp16 runs the release's tokenflow features, not {llava.config.features!r}")
-            features = ReleaseFp16Features(tok, llava.config.feature_grid)
+            if (cfg.features, cfg.feature_scales) != ("tokenflow", "final"):
+                raise ValueError(f"--dtype fp16 runs the release's final tokenflow features, not "
+                                 f"{cfg.features!r} with feature_scales={cfg.feature_scales!r}")
+            features = ReleaseFp16Features(tok, cfg.feature_grid)
             llava.projector.to(torch.float16)
         else:
-            features = build_feature_source(tok, llava.config.features, llava.config.feature_grid)
+            features = build_feature_source(tok, cfg.features, cfg.feature_grid, cfg.feature_scales)
         if (features.num_tokens, features.feature_dim) != (llava.num_visual_tokens, llava.feature_dim):
             raise ValueError(
-                f"tokenizer {tok.source} gives {features.num_tokens} x {features.feature_dim} "
-                f"{llava.config.features} tokens; the model expects {llava.num_visual_tokens} x {llava.feature_dim}"
+                f"tokenizer {tok.source} gives {features.num_tokens} x {features.feature_dim} {cfg.features} "
+                f"({cfg.feature_scales}) tokens; the model expects {llava.num_visual_tokens} x {llava.feature_dim}"
             )
         if getattr(features.teacher, "random_init", False):
             warnings.append("teacher features come from a RANDOM INIT teacher")

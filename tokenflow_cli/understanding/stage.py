@@ -54,7 +54,13 @@ class LlavaStage(Stage):
         self.val_records = read_records(d.val, d.image_root)[: d.val_limit] if d.val else []
         tok = resolve_tokenizer(m.tokenizer or None, torch.device("cpu"))
         self.tokenizer_random_init = tok.random_init
-        self.source = build_feature_source(tok, m.features, m.feature_grid)
+        self.source = build_feature_source(tok, m.features, m.feature_grid, m.feature_scales)
+        if self.source.num_tokens >= m.max_length:
+            raise ConfigError(
+                f"model.max_length: {m.max_length} tokens cannot hold the {self.source.num_tokens} visual tokens "
+                f"(model.features={m.features}, model.feature_scales={m.feature_scales}) and an answer; "
+                "raise model.max_length (and tiny_llm.max_position_embeddings for a tiny LM)"
+            )
         self.extra = {**tokenizer_id(tok), "stage": stage, "data": str(data_path)}
         run_dir = Path(run_dir)
         torch.manual_seed(recipe.train.seed)  # the same fresh LM on every rank
