@@ -8,6 +8,7 @@ import sys
 import typer
 
 from tokenflow_cli.cli import (
+    atlas_cmd,  # noqa: F401  (eval atlas)
     convert_cmd,  # noqa: F401  (convert)
     doctor,  # noqa: F401  (doctor)
     eval_tokenizer_cmd,  # noqa: F401  (eval rfid, eval usage, prepare-fid)

@@ -76,27 +76,35 @@ def _norm(q: MultiScaleDualQuantizer, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def nearest_by_half(q: MultiScaleDualQuantizer, r_BCss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual map at one scale -> (B, s*s) indices of the nearest code by the semantic half's
+    distance alone and by the pixel half's alone (the shared index is `q.search`)."""
+    B, _, s, _ = r_BCss.shape
+    z = r_BCss.permute(0, 2, 3, 1).reshape(B * s * s, -1)
+    d_sem = q.cfg.semantic_dim
+    z_sem, z_pix = _norm(q, z[:, :d_sem]), _norm(q, z[:, d_sem:])
+    sem_cb, pix_cb = (c.detach() for c in q.codebooks())
+    chunk = q.cfg.search_chunk_size
+    sem_only = nearest_code(z_sem, z_pix, sem_cb, pix_cb, pixel_weight=0.0, semantic_weight=1.0, chunk_size=chunk)
+    pix_only = nearest_code(z_sem, z_pix, sem_cb, pix_cb, pixel_weight=1.0, semantic_weight=0.0, chunk_size=chunk)
+    return sem_only.view(B, s * s), pix_only.view(B, s * s)
+
+
+@torch.no_grad()
 def quantize_views(q: MultiScaleDualQuantizer, f_BChw: torch.Tensor) -> dict[str, torch.Tensor]:
     """Walk the residual pyramid as eval-mode quantization does and return flat (B, L) indices
     for each view: "shared" equals `tokenizer.img_to_codes(...)`, "semantic"/"pixel" are the
     nearest codes by one half's distance on the same residuals."""
     side = f_BChw.shape[-1]
     residual = f_BChw.float()
-    sem_cb, pix_cb = (c.detach() for c in q.codebooks())
-    d_sem = q.cfg.semantic_dim
     views: dict[str, list[torch.Tensor]] = {v: [] for v in VIEWS}
     for s in q.scales:
         r_BCss = q.downsample(residual, s)
         idx_Bl = q.search(r_BCss)
-        B = r_BCss.shape[0]
-        z = r_BCss.permute(0, 2, 3, 1).reshape(B * s * s, -1)
-        z_sem, z_pix = _norm(q, z[:, :d_sem]), _norm(q, z[:, d_sem:])
-        chunk = q.cfg.search_chunk_size
-        sem_only = nearest_code(z_sem, z_pix, sem_cb, pix_cb, pixel_weight=0.0, semantic_weight=1.0, chunk_size=chunk)
-        pix_only = nearest_code(z_sem, z_pix, sem_cb, pix_cb, pixel_weight=1.0, semantic_weight=0.0, chunk_size=chunk)
+        sem_only, pix_only = nearest_by_half(q, r_BCss)
         views["shared"].append(idx_Bl)
-        views["semantic"].append(sem_only.view(B, s * s))
-        views["pixel"].append(pix_only.view(B, s * s))
+        views["semantic"].append(sem_only)
+        views["pixel"].append(pix_only)
         residual = residual - q.upsample(q.indices_to_map(idx_Bl, s), side)
     return {v: torch.cat(parts, dim=1) for v, parts in views.items()}
 
