@@ -60,7 +60,7 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32", "bf16" or "fp16" (autocast; no-op where unsupported)
     ema_decay: float = 0.0  # 0 disables model EMA
     eval_every: int = 1000
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 1000  # 0 = only at the end (and on a stop signal)
     log_every: int = 10
     seed: int = 0
     # Under torchrun: "ddp" replicates the model on every rank; "fsdp" shards weights, gradients

@@ -113,6 +113,11 @@ def test_no_resume_starts_fresh(tmp_path):
     assert [row["step"] for row in again.history] == [1, 2]
 
 
+def test_checkpoint_every_zero_checkpoints_only_at_the_end(tmp_path):
+    train(ToyStage(), toy_cfg(steps=3, checkpoint_every=0), tmp_path, device="cpu", live=False)
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [3]
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"step 4 .*last good checkpoint .*step-00000002"):
         train(ToyStage(nan_at=3), toy_cfg(), tmp_path, device="cpu", live=False)

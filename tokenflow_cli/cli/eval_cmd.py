@@ -74,6 +74,7 @@ def vqa_cmd(
         tokenizer=loaded.tokenizer_source,
         data=str(data),
         features=loaded.model.config.features,
+        feature_scales=loaded.model.config.feature_scales,
         dtype=loaded.dtype,
         max_new_tokens=max_new_tokens,
         **loaded.model.decoding.describe(),

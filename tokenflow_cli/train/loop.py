@@ -204,7 +204,8 @@ class _Loop:
                         history.append(row)
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                     last_eval = self._evaluate(step) or last_eval
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps or self.stop_requested:
+                periodic = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+                if periodic or step == cfg.steps or self.stop_requested:
                     latest, saved_step = self._save(step), step
         except RuntimeError as err:
             if not self._stop_on_worker_death(err, batches, step):
