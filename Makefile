@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv test test-all demo lint bench clean
+.PHONY: venv chromium test test-all demo lint bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +16,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv: $(VENV)/.installed
 
-test: venv
+# tests/test_atlas.py renders the atlas page in headless chromium (skipped where there is none)
+chromium:
+	@command -v chromium >/dev/null || ([ "$$(id -u)" -eq 0 ] && apt-get update -qq && \
+	  apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the atlas browser test will skip"
+
+test: venv chromium
 	$(PY) -m pytest -q -x --durations=15
 
-test-all: venv
+test-all: venv chromium
 	$(PY) -m pytest -q -m '' --durations=15
 
 demo: venv

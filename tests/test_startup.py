@@ -44,6 +44,7 @@ def run_probe(args: list[str], cwd) -> tuple[dict, list[str]]:
     ["eval", "rfid", "missing/", "-o", "rfid"],
     ["eval", "rfid", "--data", "missing/", "-o", "rfid"],
     ["eval", "usage", "missing/", "-o", "usage"],
+    ["eval", "atlas", "missing/", "-o", "atlas"],
     ["convert", "missing.pt", "-o", "converted.safetensors"],
     ["ask", "missing.png", "What colour?"],
     ["train-tokenizer", "missing-recipe", "-o", "run"],
@@ -65,6 +66,7 @@ def test_first_error_on_a_missing_input_does_not_import_torch(tmp_path, args):
 @pytest.mark.parametrize("args", [
     ["generate", "a red fox", "-o", "blocker/gen"],
     ["eval", "usage", "images", "-o", "blocker/usage"],
+    ["eval", "atlas", "images", "-o", "blocker/atlas"],
     ["eval", "rfid", "images", "-o", "blocker/rfid"],
     ["reconstruct", "images", "-o", "blocker/recon"],
 ], ids=lambda a: " ".join(a))
