@@ -21,7 +21,7 @@ from tokenflow_cli.cli.common import (
     fail,
 )
 from tokenflow_cli.cli.eval_cmd import LimitOpt, eval_app
-from tokenflow_cli.cli.eval_tokenizer_cmd import _check_images, _resolve, _subsets
+from tokenflow_cli.cli.models import check_image_source, image_subsets, resolve_tokenizer_for_cli
 
 ImagesArg = Annotated[str | None, typer.Argument(
     help="Images (folder, glob, list); default: the built-in held-out shapes + photo crops.", show_default=False)]
@@ -47,7 +47,7 @@ def atlas_cmd(
     Images are held in memory: use --limit on big folders."""
     if top + random < 1:
         raise fail("--top plus --random must be at least 1")
-    _check_images(images)
+    check_image_source(images)
     claim = claim_output(output, "folder", "eval atlas", overwrite)  # before torch and the model load
     from tokenflow_cli.cli.progress import image_progress
     from tokenflow_cli.eval.atlas_render import render_html, render_png
@@ -57,8 +57,8 @@ def atlas_cmd(
     from tokenflow_cli.tokenizer.identity import tokenizer_id
 
     options = AtlasOptions(top=top, random=random, per_code=per_code, seed=seed)
-    tok = _resolve(model, device)
-    subsets = _subsets(images, limit, tok.image_size)
+    tok = resolve_tokenizer_for_cli(model, device)
+    subsets = image_subsets(images, limit, tok.image_size)
     paths = [p for s in subsets for p in s.paths]
     failed: list[tuple[str, str]] = []
 

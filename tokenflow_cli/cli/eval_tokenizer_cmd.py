@@ -20,46 +20,13 @@ from tokenflow_cli.cli.common import (
     fail,
 )
 from tokenflow_cli.cli.eval_cmd import LimitOpt, eval_app, fmt_value, write_report
+from tokenflow_cli.cli.models import check_image_source, image_subsets, resolve_tokenizer_for_cli
 
 DataOpt = Annotated[
     str | None,
     typer.Option("--data", help="Images (folder, glob, list); default: the built-in held-out shapes + photo crops."),
 ]
 ImagesArg = Annotated[str | None, typer.Argument(help="Images (same as --data).", show_default=False)]
-
-
-def _resolve(model: str | None, device: str):
-    from tokenflow_cli.device import resolve_device
-    from tokenflow_cli.tokenizer.resolve import resolve_tokenizer
-
-    tok = resolve_tokenizer(model, resolve_device(device))
-    note = " [bold yellow](RANDOM INIT: numbers are meaningless)[/]" if tok.random_init else ""
-    console.print(f"model: [cyan]{tok.source}[/]{note}")
-    return tok
-
-
-def _check_images(data: str | None) -> None:
-    """A missing or empty --data fails here, before torch loads (the built-in set is made later)."""
-    if data is None:
-        return
-    from tokenflow_cli.data.images import list_images
-
-    try:
-        list_images(data)
-    except (FileNotFoundError, ValueError) as err:  # ImageSourceError is a ValueError
-        raise fail(str(err)) from None
-
-
-def _subsets(data: str | None, limit: int, res: int):
-    from tokenflow_cli.eval.evalset import builtin_eval_set, folder_subset
-
-    try:
-        subsets = [folder_subset(data, limit)] if data else builtin_eval_set(res, limit)
-    except (FileNotFoundError, ValueError) as err:
-        raise fail(str(err)) from None
-    for s in subsets:
-        console.print(f"data [bold]{s.name}[/]: {s.description}")
-    return subsets
 
 
 ProtocolOpt = Annotated[str, typer.Option(
@@ -96,7 +63,7 @@ def rfid_cmd(
 ) -> None:
     """Reconstruction rFID (per protocol), KID, PSNR, SSIM, LPIPS and codebook usage; torchrun splits the images."""
     data = data or images
-    _check_images(data)
+    check_image_source(data)
     # a resumable run folder written in place (the cache): a lock, no swap; under torchrun only rank 0 locks
     claim = claim_output(output, "run", "eval rfid")
     # torch comes in from here on: a bad input or output above fails without its start-up
@@ -124,7 +91,7 @@ def rfid_cmd(
             if inception_weights or not _build_inception_once():
                 raise fail(f"{err}; or pass --tiny-features for a smoke test (NOT FID)") from None
             spec = inception_spec()
-    tok = _resolve(model, device)
+    tok = resolve_tokenizer_for_cli(model, device)
     dist = init_distributed(tok.device.type)
     res = res or tok.image_size
     try:
@@ -132,7 +99,7 @@ def rfid_cmd(
                            inference=inference)
     except ValueError as err:
         raise fail(str(err)) from None
-    subsets = _subsets(data, limit, res)
+    subsets = image_subsets(data, limit, res)
     metric = build_lpips_metric(lpips_net, allow_random_backbone=lpips_random_backbone, enabled=lpips)
     total = sum(len(s.paths) for s in subsets)
     with image_progress(-(-total // dist.world_size), f"rfid (rank {dist.rank})" if dist.enabled else "rfid") as update:
@@ -206,15 +173,15 @@ def usage_cmd(
 ) -> None:
     """Per-scale and overall codebook usage and perplexity: shared index, semantic- and pixel-nearest.
     The folder is written beside -o and swapped in whole with the report."""
-    _check_images(data or images)
+    check_image_source(data or images)
     claim = claim_output(output, "folder", "eval usage", overwrite)  # before any model loads
     from tokenflow_cli.cli.progress import image_progress
     from tokenflow_cli.tokenizer.encode import image_batches
     from tokenflow_cli.tokenizer.identity import tokenizer_id
     from tokenflow_cli.tokenizer.usage_report import measure_usage, write_histograms
 
-    tok = _resolve(model, device)
-    subsets = _subsets(data or images, limit, tok.image_size)
+    tok = resolve_tokenizer_for_cli(model, device)
+    subsets = image_subsets(data or images, limit, tok.image_size)
     paths = [p for s in subsets for p in s.paths]
     batches = (batch.images for batch in image_batches(tok, paths, batch_size) if batch.images is not None)
     with image_progress(len(paths), "usage") as update:

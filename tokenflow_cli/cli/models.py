@@ -1,6 +1,6 @@
 """Model options and loaders shared by several commands (`generate` and `eval geneval` load a
-generator the same way, `ask` and `eval vqa` an understanding model), so command modules never
-import each other."""
+generator the same way, `ask` and `eval vqa` an understanding model, `eval rfid|usage|atlas` a
+tokenizer and their images), so command modules never import each other."""
 
 from __future__ import annotations
 
@@ -77,3 +77,39 @@ def load_for_inference(model: str | None, tokenizer: str | None, device: str, dt
 def use_decoding(loaded, repetition_penalty: float | None) -> None:
     """The folder's decoding settings (generation_config.json), with the options given."""
     loaded.model.decoding = loaded.model.decoding.override(repetition_penalty=repetition_penalty)
+
+
+def resolve_tokenizer_for_cli(model: str | None, device: str):
+    """The tokenizer `--model` names (or the default), announced on the console."""
+    from tokenflow_cli.device import resolve_device
+    from tokenflow_cli.tokenizer.resolve import resolve_tokenizer
+
+    tok = resolve_tokenizer(model, resolve_device(device))
+    note = " [bold yellow](RANDOM INIT: numbers are meaningless)[/]" if tok.random_init else ""
+    console.print(f"model: [cyan]{tok.source}[/]{note}")
+    return tok
+
+
+def check_image_source(data: str | None) -> None:
+    """A missing or empty --data fails here, before torch loads (the built-in set is made later)."""
+    if data is None:
+        return
+    from tokenflow_cli.data.images import list_images
+
+    try:
+        list_images(data)
+    except (FileNotFoundError, ValueError) as err:  # ImageSourceError is a ValueError
+        raise fail(str(err)) from None
+
+
+def image_subsets(data: str | None, limit: int, res: int):
+    """The images given, or the built-in held-out set at `res`, each subset announced."""
+    from tokenflow_cli.eval.evalset import builtin_eval_set, folder_subset
+
+    try:
+        subsets = [folder_subset(data, limit)] if data else builtin_eval_set(res, limit)
+    except (FileNotFoundError, ValueError) as err:
+        raise fail(str(err)) from None
+    for s in subsets:
+        console.print(f"data [bold]{s.name}[/]: {s.description}")
+    return subsets
