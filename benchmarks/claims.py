@@ -230,7 +230,7 @@ def section_command(a: argparse.Namespace, name: str) -> str:
         if key == "single_tokenizer" and value is None:
             continue  # optional: its row says `not run`
         args += [f"--{key.replace('_', '-')}", str(value if value is not None else key.upper() + "_RUN")]
-    return shlex.join(args + (["--device", a.device] if a.device != "auto" else []))
+    return portable(shlex.join(args + (["--device", a.device] if a.device != "auto" else [])), doc_places(a))
 
 
 def missing_inputs(a: argparse.Namespace, name: str) -> str:
