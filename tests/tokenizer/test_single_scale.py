@@ -77,7 +77,8 @@ def test_single_scale_toy_feeds_finetune_llava(world, single_run) -> None:
     run = world / "llava"
     _ok(["finetune-llava", "llava-toy", "--stage", "1", "-o", str(run), "--set", f"model.tokenizer={single_run}",
          "--set", f"data.train={world / 'shapes' / 'llava.json'}", "--set", "data.val=", "--set", "stage1.steps=2",
-         "--set", "train.batch_size=4", "--set", "model.tiny_llm.num_layers=1", "--set", "model.tiny_llm.vocab_size=300"])
+         "--set", "train.batch_size=4", "--set", "model.tiny_llm.num_layers=1",
+         "--set", "model.tiny_llm.vocab_size=300"])
     vlm = Understanding.from_pretrained(run)
     assert vlm.model.num_visual_tokens == vlm.features.num_tokens == 64
     assert tuple(vlm.features.tokenizer.scales) == (8,)
